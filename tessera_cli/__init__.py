@@ -1,0 +1,1 @@
+"""The `tessera` command line: local stack, migrations, contracts, events, diagnostics."""
