@@ -78,15 +78,15 @@ def _pg_bin() -> Path:
     return Path(spec.origin).parent / "pginstall" / "bin"
 
 
-def _run_as_pg_user() -> dict[str, object]:
-    """subprocess kwargs that drop root to the wheel's system user (PostgreSQL refuses root)."""
+def _run_as_pg_user() -> str | None:
+    """The user to run PostgreSQL as: the wheel's system user when we are root (PostgreSQL refuses root)."""
     if os.geteuid() != 0:
-        return {}
+        return None
     try:
         pwd.getpwnam(PG_SYSTEM_USER)
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", PG_SYSTEM_USER], check=True, capture_output=True)
-    return {"user": PG_SYSTEM_USER}
+    return PG_SYSTEM_USER
 
 
 def _make_accessible(path: Path) -> None:
@@ -148,7 +148,7 @@ class EmbeddedPostgres:
                 ],
                 capture_output=True,
                 text=True,
-                **run_as,  # type: ignore[arg-type]  # subprocess accepts user= on POSIX
+                user=run_as,
             )
             if init.returncode != 0:
                 raise EmbeddedServerError(f"initdb failed:\n{init.stdout}\n{init.stderr}")
@@ -181,7 +181,7 @@ class EmbeddedPostgres:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            **run_as,  # type: ignore[arg-type]
+            user=run_as,
         )
         log.close()
         if not wait_for_port(self.host, self.port, timeout, self.proc):

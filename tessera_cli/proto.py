@@ -275,7 +275,7 @@ def breaking_against_ref(ref: str, repo: Path = REPO_ROOT) -> CheckResult:
     """
     name = f"buf breaking vs {ref}"
     if _git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}").returncode != 0:
-        return CheckResult(name, True, f"{ref} does not exist (first commit or shallow clone): nothing to compare")
+        return CheckResult(name, True, f"{ref} not found (first commit, shallow clone or no git): nothing to compare")
     listing = _git(repo, "ls-tree", "-r", "--name-only", ref, "--", "proto").stdout.split()
     if not any(path.endswith(".proto") for path in listing):
         return CheckResult(name, True, f"{ref} has no contracts: nothing to compare")
@@ -286,11 +286,11 @@ def breaking_against_ref(ref: str, repo: Path = REPO_ROOT) -> CheckResult:
         return breaking_against_image(old_image, repo / "proto", label=ref)
 
 
-def release_baseline(out: Path = BASELINE_IMAGE) -> Path:
+def release_baseline(out: Path = BASELINE_IMAGE, proto_root: Path = PROTO_DIR) -> Path:
     """Deliberate release step: freeze the current contracts as the released baseline image."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        image = build_image(Path(tmp) / "image.binpb")
+        image = build_image(Path(tmp) / "image.binpb", proto_root)
         # `buf build -o` re-encodes the protoc image as a canonical buf image.
         proc = _run_buf(["build", str(image), "-o", str(out)])
         if proc.returncode != 0:

@@ -21,11 +21,11 @@ from google.protobuf.message import Message
 from opentelemetry import propagate
 from prometheus_client import Histogram
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from tessera.common.v1.event_pb2 import EventEnvelope
 
 from services.kit.context import request_id_var
 from services.kit.events import build_envelope, subject_for
 from services.kit.principal import Principal
+from tessera.common.v1.event_pb2 import EventEnvelope
 
 TENANT_SETTING = "tessera.tenant_id"
 SUBJECT_SETTING = "tessera.subject"
@@ -201,7 +201,11 @@ class UnitOfWork:
             if exc_type is None:
                 if self._pending:
                     rows: list[dict[str, Any]] = [
-                        {"id": uuid.UUID(envelope.id), "nats_subject": nats_subject, "envelope": envelope.SerializeToString()}
+                        {
+                            "id": uuid.UUID(envelope.id),
+                            "nats_subject": nats_subject,
+                            "envelope": envelope.SerializeToString(),
+                        }
                         for envelope, nats_subject in self._pending
                     ]
                     await conn.execute(sa.insert(self.db.outbox), rows)

@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import Message
-from tessera.common.v1.event_pb2 import EventEnvelope
 
 from services.kit.ids import uuid7
+from tessera.common.v1.event_pb2 import EventEnvelope
 
 SUBJECT_PREFIX = "tessera"
 DLQ_SUBJECT_PREFIX = "tessera_dlq"

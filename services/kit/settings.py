@@ -7,7 +7,7 @@ in the code base reads `os.environ`.
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -73,7 +73,7 @@ def _describe(settings_cls: type[BaseSettings], loc: tuple[int | str, ...], prob
     return f"  {(prefix + str(loc[0])).upper()}: {problem}"
 
 
-def load_settings(settings_cls: type[S], **overrides: object) -> S:
+def load_settings(settings_cls: type[S], **overrides: Any) -> S:
     """Build settings from the environment (and explicit overrides) or raise SettingsError naming each variable."""
     try:
         return settings_cls(**overrides)
