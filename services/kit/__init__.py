@@ -1,0 +1,1 @@
+"""The shared runtime every Tessera service uses (import the submodules you need)."""

@@ -68,6 +68,7 @@ class Broker:
         self._js: JetStreamContext | None = None
         self._reconnect_listeners: list[Callable[[], None]] = []
         self._errors_since_connect = 0
+        self._closing = False
 
     @property
     def nc(self) -> Client:
@@ -121,7 +122,11 @@ class Broker:
         """Flush and close the connection (idempotent)."""
         nc, self._nc, self._js = self._nc, None, None
         if nc is not None and not nc.is_closed:
-            await nc.close()
+            self._closing = True
+            try:
+                await nc.close()
+            finally:
+                self._closing = False
 
     async def ensure_streams(self, source: str) -> None:
         """Create or update the stream of `source` and the dead-letter stream."""
@@ -138,6 +143,8 @@ class Broker:
         level("nats error", broker=self.name, error=repr(error), errors_since_connect=self._errors_since_connect)
 
     async def _on_disconnected(self) -> None:
+        if self._closing:  # our own close(): not an outage
+            return
         log.warning("nats disconnected", broker=self.name)
 
     async def _on_reconnected(self) -> None:

@@ -36,7 +36,10 @@ class KitSettings(BaseSettings):
         description="'development' accepts a development principal; never use it where auth matters",
     )
     environment: Literal["local", "test", "production"] = "local"
-    shutdown_grace_seconds: float = Field(default=10.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=10.0, gt=0, description="in-flight RPCs get this long to finish")
+    shutdown_drain_seconds: float = Field(
+        default=0.0, ge=0, description="NOT_SERVING is reported this long before the server stops accepting calls"
+    )
     db_pool_size: int = Field(default=10, ge=1, le=200)
     outbox_poll_seconds: float = Field(default=0.5, gt=0)
     otel_exporter: Literal["none", "console", "otlp"] = "none"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etessera/common/v1/errors.proto\x12\x11tessera.common.v1*\xca\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12#\n\x1f\x45RROR_REASON_RESOURCE_NOT_FOUND\x10\x02\x12(\n$ERROR_REASON_RESOURCE_ALREADY_EXISTS\x10\x03\x12$\n ERROR_REASON_FAILED_PRECONDITION\x10\x04\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x05\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x06\x12#\n\x1f\x45RROR_REASON_RESOURCE_EXHAUSTED\x10\x07\x12\x18\n\x14\x45RROR_REASON_ABORTED\x10\x08\x12\x1c\n\x18\x45RROR_REASON_UNAVAILABLE\x10\t\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\n\x12#\n\x1f\x45RROR_REASON_INVALID_PAGE_TOKEN\x10\x0b\x12\"\n\x1e\x45RROR_REASON_REQUEST_ID_REUSED\x10\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etessera/common/v1/errors.proto\x12\x11tessera.common.v1*\xea\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12#\n\x1f\x45RROR_REASON_RESOURCE_NOT_FOUND\x10\x02\x12(\n$ERROR_REASON_RESOURCE_ALREADY_EXISTS\x10\x03\x12$\n ERROR_REASON_FAILED_PRECONDITION\x10\x04\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x05\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x06\x12#\n\x1f\x45RROR_REASON_RESOURCE_EXHAUSTED\x10\x07\x12\x18\n\x14\x45RROR_REASON_ABORTED\x10\x08\x12\x1c\n\x18\x45RROR_REASON_UNAVAILABLE\x10\t\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\n\x12#\n\x1f\x45RROR_REASON_INVALID_PAGE_TOKEN\x10\x0b\x12\"\n\x1e\x45RROR_REASON_REQUEST_ID_REUSED\x10\x0c\x12\x1e\n\x1a\x45RROR_REASON_UNIMPLEMENTED\x10\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.common.v1.errors_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORREASON']._serialized_start=54
-  _globals['_ERRORREASON']._serialized_end=512
+  _globals['_ERRORREASON']._serialized_end=544
 # @@protoc_insertion_point(module_scope)

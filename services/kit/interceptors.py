@@ -1,0 +1,355 @@
+"""The one server interceptor of the kit: request id, principal, validation, error mapping, logs, metrics.
+
+OpenTelemetry's aio server interceptor runs before this one when tracing is on (trace context, server span);
+`KitInterceptor` must be the last interceptor of the chain: it wraps each method's handler once,
+caches the wrapped handler by method name, and from then on answers without calling further down
+the chain. Per RPC, in order:
+
+1. request id: the caller's `x-request-id` (if well formed) or a new one, echoed in the trailing metadata
+   (a handler that sets trailing metadata itself should include it);
+2. principal: built from the metadata according to `settings.auth` (the health and reflection
+   services are public and get none);
+3. validation: `protovalidate` rules of the request message; violations become INVALID_ARGUMENT
+   with one `BadRequest.FieldViolation` each;
+4. the handler;
+5. error mapping: an `AppError` becomes its status code with `google.rpc.Status` details (ErrorInfo,
+   BadRequest, RetryInfo, RequestInfo); anything else becomes INTERNAL with a generic message, the
+   traceback going only to the log;
+6. one log line and the RED metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+import protovalidate
+import structlog
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from services.kit.context import new_request_id, request_id_var, subject_var, tenant_id_var
+from services.kit.errors import ERROR_DOMAIN, AppError, FieldViolation, Internal, InvalidArgument, Unauthenticated
+from services.kit.observability import RPC_DURATION, RPC_REQUESTS, rpc_var
+from services.kit.principal import DEVELOPMENT_USER_HEADER, DEVELOPMENT_USER_ID, Principal
+from services.kit.settings import KitSettings
+
+REQUEST_ID_HEADER = "x-request-id"
+
+# Services that answer without a principal: probes and tooling must work before and without auth.
+PUBLIC_SERVICES: frozenset[str] = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
+
+_REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+_OK = grpc.StatusCode.OK
+_log = structlog.get_logger("tessera.rpc")
+
+_principal_var: ContextVar[Principal | None] = ContextVar("tessera_principal", default=None)
+
+Behavior = Callable[[Any, Any], Any]
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being served; raises Unauthenticated when there is none."""
+    principal = _principal_var.get()
+    if principal is None:
+        raise Unauthenticated("no authenticated principal")
+    return principal
+
+
+def violation_path(violation: protovalidate.Violation) -> str:
+    """`workspace.display_name`, `items[2].title`, `labels["env"]` from a protovalidate field path."""
+    parts: list[str] = []
+    path = violation.proto.field
+    for element in path.elements if path is not None else ():
+        part = element.field_name
+        subscript = element.subscript
+        if subscript is not None:
+            key = subscript.value
+            part += f"[{json.dumps(key)}]"
+        parts.append(part)
+    return ".".join(parts)
+
+
+def validate_request(message: Message) -> None:
+    """Raise InvalidArgument listing every protovalidate violation of the message."""
+    violations = protovalidate.collect_violations(message)
+    if violations:
+        fields = [FieldViolation(violation_path(v), v.proto.message, v.proto.rule_id) for v in violations]
+        summary = "; ".join(f"{f.field}: {f.description}" if f.field else f.description for f in fields)
+        raise InvalidArgument(f"invalid request: {summary}", violations=fields)
+
+
+def status_for(error: AppError, *, request_id: str) -> grpc.Status:
+    """The gRPC status (with google.rpc.Status details in the trailer) an AppError leaves the process as."""
+    message = error.message
+    metadata = error.metadata
+    if isinstance(error, Internal):
+        message = f"internal error (request id {request_id})"
+        metadata = {}
+    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)]
+    if error.violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description, reason=v.reason
+                    )
+                    for v in error.violations
+                ]
+            )
+        )
+    if error.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    details.append(error_details_pb2.RequestInfo(request_id=request_id))
+    packed = []
+    for detail in details:
+        item = any_pb2.Any()
+        item.Pack(detail)
+        packed.append(item)
+    return rpc_status.to_status(status_pb2.Status(code=error.code.value[0], message=message, details=packed))
+
+
+class _Unimplemented(AppError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    default_reason = "UNIMPLEMENTED"
+
+
+class _Method:
+    """What the interceptor knows about one RPC method, computed once."""
+
+    __slots__ = ("counters", "duration", "full_name", "method", "public", "service")
+
+    def __init__(self, full_name: str, public_services: Collection[str]) -> None:
+        self.full_name = full_name
+        self.service, _, self.method = full_name.lstrip("/").rpartition("/")
+        self.public = self.service in public_services
+        self.duration = RPC_DURATION.labels(self.service, self.method)
+        self.counters: dict[grpc.StatusCode, Any] = {}
+
+    def record(self, code: grpc.StatusCode, seconds: float) -> None:
+        self.duration.observe(seconds)
+        counter = self.counters.get(code)
+        if counter is None:
+            counter = self.counters[code] = RPC_REQUESTS.labels(self.service, self.method, code.name)
+        counter.inc()
+
+
+class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type information
+    """Request id, principal, validation, error mapping, logging and metrics for every RPC of one process."""
+
+    def __init__(
+        self,
+        service: str,
+        settings: KitSettings,
+        *,
+        public_services: Collection[str] = PUBLIC_SERVICES,
+    ) -> None:
+        self.service = service
+        self.enforced = settings.auth != "development"
+        self.public_services = frozenset(public_services)
+        self._handlers: dict[str, Any] = {}
+        self._development_principal = Principal(subject=DEVELOPMENT_USER_ID)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        method: str = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
+                return None
+            handler = self._wrap(_Method(method, self.public_services), handler)
+            self._handlers[method] = handler
+        return handler
+
+    # -- wrapping (once per method) -------------------------------------------------------------
+
+    def _wrap(self, method: _Method, handler: Any) -> Any:
+        deserializer = handler.request_deserializer
+        serializer = handler.response_serializer
+        if not handler.request_streaming and not handler.response_streaming:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary_response(method, _as_coroutine(handler.unary_unary), streaming_request=False),
+                request_deserializer=deserializer,
+                response_serializer=serializer,
+            )
+        if handler.request_streaming and not handler.response_streaming:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary_response(method, _as_coroutine(handler.stream_unary), streaming_request=True),
+                request_deserializer=deserializer,
+                response_serializer=serializer,
+            )
+        behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+        wrapped: Behavior
+        if inspect.isasyncgenfunction(behavior):
+            wrapped = self._stream_response(method, behavior, streaming_request=handler.request_streaming)
+        else:  # a coroutine that writes with context.write()
+            wrapped = self._unary_response(method, _as_coroutine(behavior), streaming_request=handler.request_streaming)
+        factory = (
+            grpc.stream_stream_rpc_method_handler if handler.request_streaming else grpc.unary_stream_rpc_method_handler
+        )
+        return factory(wrapped, request_deserializer=deserializer, response_serializer=serializer)
+
+    def _unary_response(
+        self, method: _Method, behavior: Callable[[Any, Any], Awaitable[Any]], *, streaming_request: bool
+    ) -> Callable[[Any, Any], Awaitable[Any]]:
+        async def rpc(request: Any, context: Any) -> Any:
+            started = time.perf_counter()
+            request_id, development_user = self._begin(method, context)
+            code = _OK
+            try:
+                request = self._admit(method, development_user, request, streaming_request)
+                response = await behavior(request, context)
+                code = context.code() or _OK
+                return response
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                status = self._status_for_exception(exc, request_id)
+                code = status.code
+                # context.abort (not abort_with_status): the OpenTelemetry context wrapper records the code.
+                await context.abort(
+                    status.code, status.details, (*status.trailing_metadata, (REQUEST_ID_HEADER, request_id))
+                )
+            finally:
+                self._finish(method, code, started)
+
+        return rpc
+
+    def _stream_response(
+        self, method: _Method, behavior: Callable[[Any, Any], AsyncIterator[Any]], *, streaming_request: bool
+    ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+        async def rpc(request: Any, context: Any) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            request_id, development_user = self._begin(method, context)
+            code = _OK
+            try:
+                request = self._admit(method, development_user, request, streaming_request)
+                async for response in behavior(request, context):
+                    yield response
+                code = context.code() or _OK
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                status = self._status_for_exception(exc, request_id)
+                code = status.code
+                # context.abort (not abort_with_status): the OpenTelemetry context wrapper records the code.
+                await context.abort(
+                    status.code, status.details, (*status.trailing_metadata, (REQUEST_ID_HEADER, request_id))
+                )
+            finally:
+                self._finish(method, code, started)
+
+        return rpc
+
+    # -- per RPC -----------------------------------------------------------------------------------
+
+    def _begin(self, method: _Method, context: Any) -> tuple[str, str | None]:
+        """Set the ambient request data and echo the request id; returns it and the development user header."""
+        request_id = development_user = None
+        for key, value in context.invocation_metadata() or ():
+            if key == REQUEST_ID_HEADER:
+                if _REQUEST_ID_PATTERN.fullmatch(value):
+                    request_id = value
+            elif key == DEVELOPMENT_USER_HEADER:
+                development_user = value
+        if request_id is None:
+            request_id = new_request_id()
+        request_id_var.set(request_id)
+        rpc_var.set((self.service, method.full_name))
+        # Echoed in the trailing metadata: sending initial metadata early costs a separate write per RPC.
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+        return request_id, development_user
+
+    def _admit(self, method: _Method, development_user: str | None, request: Any, streaming_request: bool) -> Any:
+        """Resolve the principal and validate the request (a request stream is validated message by message)."""
+        if method.public:
+            return request
+        principal = self._principal(development_user)
+        _principal_var.set(principal)
+        subject_var.set(principal.subject)
+        if principal.tenant_id is not None:
+            tenant_id_var.set(principal.tenant_id)
+        if streaming_request:
+            return _validated_stream(request)
+        validate_request(request)
+        return request
+
+    def _principal(self, development_user: str | None) -> Principal:
+        if self.enforced:
+            # Token verification arrives with the identity service (issue 3); until then nobody is authenticated.
+            raise Unauthenticated("bearer token required")
+        if development_user is not None:
+            try:
+                return Principal(subject=str(uuid.UUID(development_user)))
+            except ValueError:
+                pass
+        return self._development_principal
+
+    def _status_for_exception(self, exc: Exception, request_id: str) -> grpc.Status:
+        """The status an exception leaves the process as; unexpected ones are logged with their traceback."""
+        if isinstance(exc, AppError):
+            if isinstance(exc, Internal):
+                _log.error("internal error in RPC", exc_info=exc)
+            return status_for(exc, request_id=request_id)
+        if isinstance(exc, NotImplementedError):  # a generated servicer base method that was not overridden
+            return status_for(_Unimplemented("method not implemented"), request_id=request_id)
+        _log.error("unhandled exception in RPC", exc_info=exc)
+        return status_for(Internal("unexpected exception"), request_id=request_id)
+
+    def _finish(self, method: _Method, code: grpc.StatusCode, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        method.record(code, elapsed)
+        if method.public:
+            _log.debug("rpc", code=code.name, duration_ms=round(elapsed * 1000, 3))
+        else:
+            _log.info("rpc", code=code.name, duration_ms=round(elapsed * 1000, 3))
+
+
+def _as_coroutine(behavior: Behavior) -> Callable[[Any, Any], Awaitable[Any]]:
+    """Async handlers as they are; a plain function (e.g. an unimplemented generated stub) wrapped once."""
+    if inspect.iscoroutinefunction(behavior):
+        return behavior
+
+    async def call(request: Any, context: Any) -> Any:
+        result = behavior(request, context)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    return call
+
+
+async def _validated_stream(requests: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        validate_request(request)
+        yield request
