@@ -1,0 +1,49 @@
+"""Entry point of the tenancy service: `python -m services.tenancy.main`."""
+
+from __future__ import annotations
+
+from services.kit.broker import Broker
+from services.kit.consumer import EventConsumer
+from services.kit.db import Database
+from services.kit.paging import PageTokenCodec
+from services.kit.relay import OutboxRelay
+from services.kit.server import ServiceRuntime, run_service
+from services.tenancy.consumers import provisioner
+from services.tenancy.models import SCHEMA, SERVICE
+from services.tenancy.service import TenancyService
+from services.tenancy.servicer import TenancyServicer, binding
+from services.tenancy.settings import TenancySettings
+
+
+async def build(settings: TenancySettings) -> ServiceRuntime:
+    """Wire database, broker, relay, provisioner and servicer into one runtime (not started)."""
+    database = Database(settings.database_url, service=SERVICE, schema=SCHEMA, pool_size=settings.db_pool_size)
+    broker = Broker(settings.nats_url, name=f"tessera-{SERVICE}")
+    try:
+        await broker.connect()
+        await broker.ensure_streams(SERVICE)
+    except BaseException:
+        await broker.close()
+        await database.dispose()
+        raise
+    service = TenancyService(page_tokens=PageTokenCodec(settings.page_token_key()))
+    return ServiceRuntime(
+        name=SERVICE,
+        settings=settings,
+        bindings=[binding(TenancyServicer(database, service))],
+        database=database,
+        background=[
+            broker,  # first: it closes after the relay has flushed and the consumer drained
+            OutboxRelay(database, broker, poll_seconds=settings.outbox_poll_seconds),
+            EventConsumer(provisioner(service), database, broker),
+        ],
+    )
+
+
+def main() -> None:
+    """Run the tenancy service until SIGTERM/SIGINT."""
+    run_service(build, TenancySettings)
+
+
+if __name__ == "__main__":
+    main()
