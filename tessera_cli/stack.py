@@ -26,7 +26,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
+import asyncpg
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc

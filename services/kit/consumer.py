@@ -19,6 +19,7 @@ from dataclasses import KW_ONLY, dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
+import sqlalchemy as sa
 import structlog
 from google.protobuf.message import DecodeError, Message
 from nats.aio.msg import Msg
@@ -33,6 +34,7 @@ from services.kit.broker import Broker
 from services.kit.context import request_id_var, tenant_id_var
 from services.kit.db import Database, UnitOfWork
 from services.kit.events import DLQ_SUBJECT_PREFIX, stream_name, subject_for
+from services.kit.sql import Query
 from tessera.common.v1.event_pb2 import EventEnvelope
 
 M = TypeVar("M", bound=Message)
@@ -130,6 +132,12 @@ class EventConsumer:
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._inbox_insert = Query(
+            pg_insert(db.inbox)
+            .values(consumer=sa.bindparam("consumer"), event_id=sa.bindparam("event_id"))
+            .on_conflict_do_nothing()
+            .returning(db.inbox.c.event_id)
+        )
 
     @property
     def name(self) -> str:
@@ -285,14 +293,8 @@ class EventConsumer:
         return envelope, payload
 
     async def _apply(self, envelope: EventEnvelope, payload: Message) -> bool:
-        inbox = self.db.inbox
         async with self.db.unit_of_work(None, tenant_id=envelope.tenant_id) as uow:
-            inserted = await uow.conn.scalar(
-                pg_insert(inbox)
-                .values(consumer=self.spec.name, event_id=uuid.UUID(envelope.id))
-                .on_conflict_do_nothing()
-                .returning(inbox.c.event_id)
-            )
+            inserted = await uow.fetchval(self._inbox_insert, consumer=self.spec.name, event_id=uuid.UUID(envelope.id))
             if inserted is None:
                 return False
             await self.spec.handler(uow, envelope, payload)

@@ -1,8 +1,9 @@
 """Database access: the async engine and the unit of work that every RPC and consumer runs in.
 
-One unit of work is one transaction. Its first statement sets `tessera.tenant_id` and
-`tessera.subject` transaction-locally (`set_config(..., true)`), so row-level security sees the
-caller's tenant and the setting is gone when the pooled connection is handed to the next caller.
+One unit of work is one transaction. It starts with `BEGIN` and, in the same round trip, sets
+`tessera.tenant_id` and `tessera.subject` transaction-locally (`set_config(..., true)`), so
+row-level security sees the caller's tenant before any other statement runs and the setting is gone
+when the pooled connection is handed to the next caller.
 Events emitted during the unit of work are written to the service's outbox in the same
 transaction; services and repositories never commit.
 """
@@ -16,6 +17,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import sqlalchemy as sa
 from google.protobuf.message import Message
 from opentelemetry import propagate
@@ -25,14 +27,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from services.kit.context import request_id_var
 from services.kit.events import build_envelope, subject_for
 from services.kit.principal import Principal
+from services.kit.sql import Query, as_query
 from tessera.common.v1.event_pb2 import EventEnvelope
 
 TENANT_SETTING = "tessera.tenant_id"
 SUBJECT_SETTING = "tessera.subject"
-
-_SET_CONTEXT = sa.text(
-    f"SELECT set_config('{TENANT_SETTING}', :tenant, true), set_config('{SUBJECT_SETTING}', :subject, true)"
-)
 
 UOW_SECONDS = Histogram(
     "tessera_uow_duration_seconds",
@@ -111,6 +110,11 @@ class Database:
         self.metadata = sa.MetaData()
         self.outbox = outbox_table(self.metadata, schema)
         self.inbox = inbox_table(self.metadata, schema)
+        self.outbox_insert = Query(
+            sa.insert(self.outbox).values(
+                id=sa.bindparam("id"), nats_subject=sa.bindparam("nats_subject"), envelope=sa.bindparam("envelope")
+            )
+        )
         self._event_listeners: list[Callable[[], None]] = []
 
     def on_events_committed(self, listener: Callable[[], None]) -> None:
@@ -135,39 +139,67 @@ class Database:
 
 
 class UnitOfWork:
-    """One transaction: tenant context first, then the work, then the outbox rows, then commit."""
+    """One transaction: tenant context first, then the work, then the outbox rows, then commit.
+
+    Statements run on the asyncpg connection under SQLAlchemy's pooled connection (see
+    `services.kit.sql.Query`); SQLAlchemy provides the pool, Core statements and migrations.
+    """
 
     def __init__(self, db: Database, principal: Principal | None, tenant_id: str | None) -> None:
         self.db = db
         self.principal = principal
         self.tenant_id = tenant_id
-        self._conn: AsyncConnection | None = None
+        self._pooled: AsyncConnection | None = None
+        self._driver: asyncpg.Connection | None = None
         self._pending: list[tuple[EventEnvelope, str]] = []
         self._started = 0.0
 
     @property
-    def conn(self) -> AsyncConnection:
-        if self._conn is None:
+    def driver(self) -> asyncpg.Connection:
+        """The asyncpg connection this transaction runs on."""
+        if self._driver is None:
             raise RuntimeError("unit of work used outside its `async with` block")
-        return self._conn
+        return self._driver
 
     async def __aenter__(self) -> UnitOfWork:
         self._started = time.perf_counter()
-        conn = await self.db.engine.connect()
+        # Validated before they reach SQL: they are inlined so BEGIN and the context cost one round trip.
+        tenant = str(uuid.UUID(self.tenant_id)) if self.tenant_id else ""
+        subject = str(uuid.UUID(self.principal.subject)) if self.principal else ""
+        pooled = await self.db.engine.connect()
         try:
-            await conn.begin()
-            await conn.execute(
-                _SET_CONTEXT,
-                {
-                    "tenant": self.tenant_id or "",
-                    "subject": self.principal.subject if self.principal else "",
-                },
+            driver = (await pooled.get_raw_connection()).driver_connection
+            assert driver is not None, "the pool handed out a closed connection"
+            await driver.execute(
+                f"BEGIN; SELECT set_config('{TENANT_SETTING}', '{tenant}', true), "
+                f"set_config('{SUBJECT_SETTING}', '{subject}', true)"
             )
         except BaseException:
-            await conn.close()
+            await pooled.invalidate()
+            await pooled.close()
             raise
-        self._conn = conn
+        self._pooled, self._driver = pooled, driver
         return self
+
+    async def fetch(self, query: Query | sa.ClauseElement, **params: Any) -> list[asyncpg.Record]:
+        """All rows of a query."""
+        q = as_query(query)
+        return await self.driver.fetch(q.sql, *q.arguments(params))  # type: ignore[no-any-return]
+
+    async def fetchrow(self, query: Query | sa.ClauseElement, **params: Any) -> asyncpg.Record | None:
+        """The first row of a query, or None."""
+        q = as_query(query)
+        return await self.driver.fetchrow(q.sql, *q.arguments(params))
+
+    async def fetchval(self, query: Query | sa.ClauseElement, **params: Any) -> Any:
+        """The first column of the first row, or None."""
+        q = as_query(query)
+        return await self.driver.fetchval(q.sql, *q.arguments(params))
+
+    async def execute(self, query: Query | sa.ClauseElement, **params: Any) -> str:
+        """Run a statement; returns the command status (e.g. `UPDATE 1`)."""
+        q = as_query(query)
+        return await self.driver.execute(q.sql, *q.arguments(params))  # type: ignore[no-any-return]
 
     def emit(self, event: Message, *, subject: str, tenant_id: str | None = None) -> EventEnvelope:
         """Record an event; it is written to the outbox in this transaction and published after commit."""
@@ -194,30 +226,40 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        conn = self.conn
+        pooled, driver = self._pooled, self.driver
+        assert pooled is not None
         outcome = "rollback"
         committed_events = False
         try:
             if exc_type is None:
                 if self._pending:
-                    rows: list[dict[str, Any]] = [
-                        {
-                            "id": uuid.UUID(envelope.id),
-                            "nats_subject": nats_subject,
-                            "envelope": envelope.SerializeToString(),
-                        }
-                        for envelope, nats_subject in self._pending
-                    ]
-                    await conn.execute(sa.insert(self.db.outbox), rows)
-                await conn.commit()
+                    await driver.executemany(
+                        self.db.outbox_insert.sql,
+                        [
+                            self.db.outbox_insert.arguments(
+                                {
+                                    "id": uuid.UUID(envelope.id),
+                                    "nats_subject": nats_subject,
+                                    "envelope": envelope.SerializeToString(),
+                                }
+                            )
+                            for envelope, nats_subject in self._pending
+                        ],
+                    )
+                await driver.execute("COMMIT")
                 outcome = "commit"
                 committed_events = bool(self._pending)
             else:
-                await conn.rollback()
+                await driver.execute("ROLLBACK")
+        except BaseException:
+            # The connection's state is unknown (cancelled mid-statement, broken socket, failed COMMIT):
+            # never hand it to the next caller.
+            await pooled.invalidate()
+            raise
         finally:
             self._pending.clear()
-            self._conn = None
-            await conn.close()
+            self._pooled = self._driver = None
+            await pooled.close()
             UOW_SECONDS.labels(self.db.service, outcome).observe(time.perf_counter() - self._started)
         if committed_events:
             self.db._events_committed()

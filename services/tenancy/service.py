@@ -73,7 +73,7 @@ class TenancyService:
         validate_display_name(display_name)
         creator = uuid.UUID(principal.subject)
         fingerprint = create_fingerprint(display_name=display_name) if request_id is not None else None
-        repository = WorkspaceRepository(uow.conn)
+        repository = WorkspaceRepository(uow)
         created = await repository.insert(
             workspace_id=uuid7(),
             display_name=display_name,
@@ -103,7 +103,7 @@ class TenancyService:
 
     async def get_workspace(self, uow: UnitOfWork, principal: Principal, *, workspace_id: uuid.UUID) -> Workspace:
         """The workspace if the caller may see it; NOT_FOUND otherwise (absent and foreign look alike)."""
-        workspace = await WorkspaceRepository(uow.conn).get_visible(
+        workspace = await WorkspaceRepository(uow).get_visible(
             workspace_id=workspace_id,
             viewer=uuid.UUID(principal.subject),
             tenant_id=uuid.UUID(principal.tenant_id) if principal.tenant_id else None,
@@ -123,7 +123,7 @@ class TenancyService:
         """The caller's workspaces, newest first, one keyset page at a time."""
         size = page_size(requested_page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         after = self._decode_cursor(page_token, issued_to=principal.subject) if page_token else None
-        rows = await WorkspaceRepository(uow.conn).list_created_by(
+        rows = await WorkspaceRepository(uow).list_created_by(
             creator=uuid.UUID(principal.subject), after=after, limit=size + 1
         )
         page = list(rows[:size])
@@ -155,7 +155,7 @@ class TenancyService:
         """Mark a PROVISIONING workspace ACTIVE and emit WorkspaceProvisionedEvent; None if nothing to do."""
         if uow.tenant_id is None or uuid.UUID(uow.tenant_id) != workspace_id:
             raise ValueError(f"provisioning workspaces/{workspace_id} outside its own tenant ({uow.tenant_id})")
-        activated = await WorkspaceRepository(uow.conn).activate(workspace_id=workspace_id)
+        activated = await WorkspaceRepository(uow).activate(workspace_id=workspace_id)
         if activated is None:
             log.info("workspace not provisioning; nothing to do", workspace=f"workspaces/{workspace_id}")
             return None

@@ -180,13 +180,15 @@ def workspace_event(name: str = "Acme") -> tenancy_events_pb2.WorkspaceCreatedEv
 
 async def apply_effect(uow: UnitOfWork, consumer: str, envelope: EventEnvelope) -> None:
     """The effect of a test handler: count one application of the event (RLS: needs the event's tenant)."""
-    await uow.conn.execute(
+    await uow.execute(
         sa.text(
             f"INSERT INTO {KIT_SCHEMA}.effects (tenant_id, consumer, event_id, applied) "
             "VALUES (CAST(:tenant AS uuid), :consumer, CAST(:event AS uuid), 1) "
             "ON CONFLICT (consumer, event_id) DO UPDATE SET applied = effects.applied + 1"
         ),
-        {"tenant": envelope.tenant_id, "consumer": consumer, "event": envelope.id},
+        tenant=envelope.tenant_id,
+        consumer=consumer,
+        event=envelope.id,
     )
 
 

@@ -79,11 +79,13 @@ async def test_handler_runs_in_the_events_tenant_and_commits_with_the_inbox(
 
     async def handler(uow: UnitOfWork, envelope: EventEnvelope, payload: WorkspaceCreatedEvent) -> None:
         # RLS on notes only admits the row if the unit of work runs in the event's tenant.
-        await uow.conn.execute(
+        await uow.execute(
             sa.text(f"INSERT INTO {KIT_SCHEMA}.notes (tenant_id, id, body) VALUES (CAST(:t AS uuid), :id, :body)"),
-            {"t": envelope.tenant_id, "id": uuid7(), "body": payload.workspace.display_name},
+            t=envelope.tenant_id,
+            id=uuid7(),
+            body=payload.workspace.display_name,
         )
-        tenant = await uow.conn.scalar(sa.text("SELECT current_setting('tessera.tenant_id', true)"))
+        tenant = await uow.fetchval(sa.text("SELECT current_setting('tessera.tenant_id', true)"))
         seen.append((envelope.tenant_id, tenant))
         await apply_effect(uow, name, envelope)
 

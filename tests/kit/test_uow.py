@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError
 
 from services.kit.db import Database
 from services.kit.ids import uuid7
@@ -61,12 +60,12 @@ async def test_two_tenants_interleaved_on_one_pooled_connection_never_see_each_o
         for i in range(rounds):
             async with db.unit_of_work(None, tenant_id=tenant) as uow:
                 order.append(tenant)
-                backends.add(await uow.conn.scalar(sa.text("SELECT pg_backend_pid()")))
-                await uow.conn.execute(INSERT_NOTE, {"tenant": tenant, "id": uuid7(), "body": f"{tenant}:{i}"})
+                backends.add(await uow.fetchval(sa.text("SELECT pg_backend_pid()")))
+                await uow.execute(INSERT_NOTE, tenant=tenant, id=uuid7(), body=f"{tenant}:{i}")
                 await asyncio.sleep(0)  # let the other tenant queue for the connection mid-transaction
-                rows = (await uow.conn.execute(SELECT_NOTES)).all()
-                assert {row.tenant_id for row in rows} == {tenant}
-                assert [row.body for row in rows] == [f"{tenant}:{n}" for n in range(i + 1)]
+                rows = await uow.fetch(SELECT_NOTES)
+                assert {row["tenant_id"] for row in rows} == {tenant}
+                assert [row["body"] for row in rows] == [f"{tenant}:{n}" for n in range(i + 1)]
             await asyncio.sleep(0)  # between transactions: the other tenant's waiting checkout goes first
 
     await asyncio.gather(work(TENANT_A), work(TENANT_B))
@@ -81,24 +80,24 @@ async def test_two_tenants_interleaved_on_one_pooled_connection_never_see_each_o
 @pytest.mark.gate("S03")
 async def test_no_tenant_sees_nothing_and_cannot_insert(kit_db: Database, kit_clean: asyncpg.Connection) -> None:
     async with kit_db.unit_of_work(None, tenant_id=TENANT_A) as uow:
-        await uow.conn.execute(INSERT_NOTE, {"tenant": TENANT_A, "id": uuid7(), "body": "a"})
+        await uow.execute(INSERT_NOTE, tenant=TENANT_A, id=uuid7(), body="a")
     assert await kit_clean.fetchval(f"SELECT count(*) FROM {KIT_SCHEMA}.notes") == 1
 
     async with kit_db.unit_of_work(None) as uow:
-        assert (await uow.conn.execute(SELECT_NOTES)).all() == []
+        assert await uow.fetch(SELECT_NOTES) == []
 
-    with pytest.raises(DBAPIError, match="row-level security"):
+    with pytest.raises(asyncpg.PostgresError, match="row-level security"):
         async with kit_db.unit_of_work(None) as uow:
-            await uow.conn.execute(INSERT_NOTE, {"tenant": TENANT_A, "id": uuid7(), "body": "no tenant"})
+            await uow.execute(INSERT_NOTE, tenant=TENANT_A, id=uuid7(), body="no tenant")
 
-    with pytest.raises(DBAPIError, match="row-level security"):
+    with pytest.raises(asyncpg.PostgresError, match="row-level security"):
         async with kit_db.unit_of_work(None, tenant_id=TENANT_B) as uow:
-            await uow.conn.execute(INSERT_NOTE, {"tenant": TENANT_A, "id": uuid7(), "body": "other tenant"})
+            await uow.execute(INSERT_NOTE, tenant=TENANT_A, id=uuid7(), body="other tenant")
 
     async with kit_db.unit_of_work(None, tenant_id=TENANT_B) as uow:
-        assert (await uow.conn.execute(SELECT_NOTES)).all() == []
-        updated = await uow.conn.execute(sa.text(f"UPDATE {KIT_SCHEMA}.notes SET body = 'stolen'"))
-        assert updated.rowcount == 0
+        assert await uow.fetch(SELECT_NOTES) == []
+        updated = await uow.execute(sa.text(f"UPDATE {KIT_SCHEMA}.notes SET body = 'stolen'"))
+        assert updated == "UPDATE 0"
     assert await kit_clean.fetchval(f"SELECT count(*) FROM {KIT_SCHEMA}.notes WHERE body = 'a'") == 1
 
 
@@ -106,9 +105,9 @@ async def test_no_tenant_sees_nothing_and_cannot_insert(kit_db: Database, kit_cl
 async def test_tenant_setting_does_not_leak_to_the_next_transaction(one_connection_db: Database) -> None:
     db = one_connection_db
     async with db.unit_of_work(None, tenant_id=TENANT_A) as uow:
-        pid = await uow.conn.scalar(sa.text("SELECT pg_backend_pid()"))
-        assert await uow.conn.scalar(sa.text("SELECT current_setting('tessera.tenant_id', true)")) == TENANT_A
-        await uow.conn.execute(INSERT_NOTE, {"tenant": TENANT_A, "id": uuid7(), "body": "a"})
+        pid = await uow.fetchval(sa.text("SELECT pg_backend_pid()"))
+        assert await uow.fetchval(sa.text("SELECT current_setting('tessera.tenant_id', true)")) == TENANT_A
+        await uow.execute(INSERT_NOTE, tenant=TENANT_A, id=uuid7(), body="a")
 
     async with db.engine.connect() as conn:
         assert await conn.scalar(sa.text("SELECT pg_backend_pid()")) == pid
@@ -132,7 +131,7 @@ async def test_events_commit_and_roll_back_with_the_unit_of_work(
 
     async def fail_after_emit() -> None:
         async with kit_db.unit_of_work(None, tenant_id=TENANT_A) as uow:
-            await uow.conn.execute(INSERT_NOTE, {"tenant": TENANT_A, "id": note_id, "body": "x"})
+            await uow.execute(INSERT_NOTE, tenant=TENANT_A, id=note_id, body="x")
             uow.emit(workspace_event(), subject="workspaces/x")
             raise RuntimeError("after emit")
 
@@ -144,7 +143,7 @@ async def test_events_commit_and_roll_back_with_the_unit_of_work(
     woken: list[bool] = []
     kit_db.on_events_committed(lambda: woken.append(True))
     async with kit_db.unit_of_work(None, tenant_id=TENANT_A) as uow:
-        await uow.conn.execute(INSERT_NOTE, {"tenant": TENANT_A, "id": note_id, "body": "x"})
+        await uow.execute(INSERT_NOTE, tenant=TENANT_A, id=note_id, body="x")
         envelope = uow.emit(workspace_event(), subject="workspaces/x")
     row = await kit_clean.fetchrow(f"SELECT id, nats_subject, attempts FROM {KIT_SCHEMA}.outbox")
     assert row is not None
