@@ -6,11 +6,13 @@ keeps the rows) and consuming (the durable consumers keep their position); it ne
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 
-import nats
 import structlog
 from nats.aio.client import Client
+from nats.errors import NoServersError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
@@ -55,7 +57,7 @@ class Broker:
         url: str,
         *,
         name: str,
-        connect_timeout: float = 2.0,
+        connect_timeout: int = 2,
         reconnect_time_wait: float = 0.25,
         request_timeout: float = 5.0,
     ) -> None:
@@ -91,23 +93,36 @@ class Broker:
         self._reconnect_listeners.append(listener)
 
     async def connect(self) -> None:
-        """Connect (fails if NATS is unreachable now); afterwards reconnect forever on any outage."""
+        """Connect, or raise ConnectionError if NATS is unreachable now; afterwards reconnect forever on any outage."""
         if self._nc is not None:
             return
-        self._nc = await nats.connect(
-            servers=[self.url],
-            name=self.name,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            # Fractions of a second work: nats-py sleeps and waits on these values.
-            reconnect_time_wait=self._reconnect_time_wait,
-            connect_timeout=self._connect_timeout,
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-            closed_cb=self._on_closed,
-        )
-        self._js = self._nc.jetstream(timeout=self._request_timeout)
+        nc = Client()
+        try:
+            # nats-py keeps retrying a first connect that fails; bound it so start-up fails with a clear message.
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=[self.url],
+                    name=self.name,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    # nats-py annotates int but only sleeps on it: fractions of a second work.
+                    reconnect_time_wait=self._reconnect_time_wait,  # type: ignore[arg-type]
+                    connect_timeout=self._connect_timeout,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
+                ),
+                timeout=self._connect_timeout * 3,
+            )
+        except (TimeoutError, OSError, NoServersError) as exc:
+            self._closing = True
+            with contextlib.suppress(Exception):
+                await nc.close()
+            self._closing = False
+            raise ConnectionError(f"NATS at {self.url} is unreachable: {exc or 'timed out'}") from None
+        self._nc = nc
+        self._js = nc.jetstream(timeout=self._request_timeout)
         log.info("nats connected", broker=self.name, url=self.url)
 
     async def start(self) -> None:

@@ -312,7 +312,7 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc 
             try:
                 return Principal(subject=str(uuid.UUID(development_user)))
             except ValueError:
-                pass
+                raise Unauthenticated(f"{DEVELOPMENT_USER_HEADER} must be a user id (a UUID)") from None
         return self._development_principal
 
     def _status_for_exception(self, exc: Exception, request_id: str) -> grpc.Status:

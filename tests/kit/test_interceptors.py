@@ -280,8 +280,12 @@ async def test_development_mode_uses_the_header_uuid_or_the_development_user(dev
     assert response.workspace.creator == user
     response = await stub.CreateWorkspace(create_request("Acme"))
     assert response.workspace.creator == DEVELOPMENT_USER_ID
-    response = await stub.CreateWorkspace(create_request("Acme"), metadata=((DEVELOPMENT_USER_HEADER, "root"),))
-    assert response.workspace.creator == DEVELOPMENT_USER_ID
+    # A malformed header is refused rather than silently mapped to the shared development user.
+    error, _ = await failed_status(
+        stub.CreateWorkspace(create_request("Acme"), metadata=((DEVELOPMENT_USER_HEADER, "root"),))
+    )
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert DEVELOPMENT_USER_HEADER in (error.details() or "")
 
 
 def test_current_principal_outside_an_rpc_is_unauthenticated() -> None:
