@@ -115,3 +115,34 @@ async def admin_conn(admin_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.stash[_GATE_RESULTS] = {}
+
+
+_GATE_RESULTS = pytest.StashKey[dict[str, dict[str, str]]]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """Record each gate-tagged test's outcome for the readiness summary."""
+    report: pytest.TestReport = yield
+    gates = [mark.args[0] for mark in item.iter_markers("gate") if mark.args]
+    if gates and (report.when == "call" or report.outcome != "passed"):
+        results = item.config.stash[_GATE_RESULTS]
+        for gate in gates:
+            previous = results.setdefault(gate, {}).get(item.nodeid)
+            if previous in (None, "passed"):
+                results[gate][item.nodeid] = report.outcome
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """Release-gate evidence (shared/GATES.md): per gate, how many tagged tests passed."""
+    results = config.stash.get(_GATE_RESULTS, {})
+    if not results:
+        return
+    terminalreporter.section("release gate evidence")
+    for gate in sorted(results):
+        outcomes = list(results[gate].values())
+        passed = outcomes.count("passed")
+        status = "ok" if passed == len(outcomes) else "FAILING"
+        terminalreporter.write_line(f"{gate}: {passed}/{len(outcomes)} tagged tests passed ({status})")
