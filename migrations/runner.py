@@ -21,7 +21,6 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import sqlalchemy as sa
 from alembic import command
@@ -31,6 +30,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+
+from services.kit.db import with_user
 
 SERVICES: tuple[str, ...] = ("tenancy",)
 OWNER_ROLE = "tessera_owner"
@@ -55,18 +56,9 @@ def service_role(service: str) -> str:
     return f"tessera_{service}"
 
 
-def _replace_user(url: str, user: str, password: str | None = None) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = user + (f":{password}" if password else "") + "@" + host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 def service_url(admin_url: str, service: str, *, password: str | None = None) -> str:
     """The same server and database as admin_url, logged in as the service's login role."""
-    return _replace_user(admin_url, service_role(service), password)
+    return with_user(admin_url, service_role(service), password)
 
 
 def _async_url(url: str) -> str:

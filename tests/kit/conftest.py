@@ -7,12 +7,9 @@ nothing, exactly like a service role. Each test gets its own event source (hence
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -154,20 +151,6 @@ async def broker(nats_url: str, kit_source: str, dlq_consumers: list[str]) -> As
         if b.is_connected:
             await _drop_test_streams(b.js, kit_source, dlq_consumers)
         await b.close()
-
-
-async def eventually(
-    check: Callable[[], Awaitable[Any]], *, timeout: float = 10.0, interval: float = 0.02, what: str = ""
-) -> Any:
-    """Poll `check` until it returns a truthy value (returned) or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what or check}; last value {last!r}")
 
 
 def workspace_event(name: str = "Acme") -> tenancy_events_pb2.WorkspaceCreatedEvent:

@@ -18,7 +18,8 @@ from services.kit.events import build_envelope, subject_for
 from services.kit.ids import uuid7
 from tessera.common.v1.event_pb2 import EventEnvelope
 from tessera.tenancy.v1.tenancy_events_pb2 import WorkspaceCreatedEvent, WorkspaceProvisionedEvent
-from tests.kit.conftest import KIT_SCHEMA, apply_effect, effects, eventually, workspace_event
+from tests.helpers import eventually
+from tests.kit.conftest import KIT_SCHEMA, apply_effect, effects, workspace_event
 
 TENANT_A = str(uuid7())
 TENANT_B = str(uuid7())

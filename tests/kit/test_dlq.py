@@ -18,7 +18,8 @@ from services.kit.ids import uuid7
 from services.kit.relay import OutboxRelay
 from tessera.common.v1.event_pb2 import EventEnvelope
 from tessera.tenancy.v1.tenancy_events_pb2 import WorkspaceCreatedEvent
-from tests.kit.conftest import apply_effect, effects, eventually, workspace_event
+from tests.helpers import eventually
+from tests.kit.conftest import apply_effect, effects, workspace_event
 
 TENANT = str(uuid7())
 

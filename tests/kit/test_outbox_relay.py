@@ -20,7 +20,8 @@ from services.kit.relay import OutboxRelay
 from tessera.common.v1.event_pb2 import EventEnvelope
 from tessera.tenancy.v1.tenancy_events_pb2 import WorkspaceCreatedEvent
 from tessera_cli.embedded import EmbeddedNats
-from tests.kit.conftest import KIT_SCHEMA, apply_effect, effects, eventually, outbox_count, workspace_event
+from tests.helpers import eventually
+from tests.kit.conftest import KIT_SCHEMA, apply_effect, effects, outbox_count, workspace_event
 
 TENANT_A = str(uuid7())
 TENANT_B = str(uuid7())

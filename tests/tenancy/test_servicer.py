@@ -22,7 +22,7 @@ from services.tenancy.main import build
 from services.tenancy.settings import TenancySettings
 from tessera.common.v1.event_pb2 import EventEnvelope
 from tessera.tenancy.v1 import tenancy_events_pb2, tenancy_pb2, tenancy_service_pb2, tenancy_service_pb2_grpc
-from tests.tenancy.conftest import eventually
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.gate("S03")
 
