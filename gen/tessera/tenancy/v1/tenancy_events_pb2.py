@@ -22,18 +22,27 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tessera.tenancy.v1 import tenancy_pb2 as tessera_dot_tenancy_dot_v1_dot_tenancy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'tessera/tenancy/v1/tenancy_events.proto\x12\x12tessera.tenancy.v1\x1a tessera/tenancy/v1/tenancy.proto\"I\n\x15WorkspaceCreatedEvent\x12\x30\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.Workspace\"M\n\x19WorkspaceProvisionedEvent\x12\x30\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.Workspaceb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'tessera/tenancy/v1/tenancy_events.proto\x12\x12tessera.tenancy.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a tessera/tenancy/v1/tenancy.proto\"I\n\x15WorkspaceCreatedEvent\x12\x30\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.Workspace\"M\n\x19WorkspaceProvisionedEvent\x12\x30\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.Workspace\"I\n\x15WorkspaceDeletedEvent\x12\x30\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.Workspace\"K\n\x17WorkspaceUndeletedEvent\x12\x30\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.Workspace\"~\n\x16MembershipChangedEvent\x12\x0e\n\x06member\x18\x01 \x01(\t\x12\x15\n\rprevious_role\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12/\n\x0b\x63hange_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"{\n\x16InvitationCreatedEvent\x12\x32\n\ninvitation\x18\x01 \x01(\x0b\x32\x1e.tessera.tenancy.v1.Invitation\x12\r\n\x05token\x18\x02 \x01(\t\x12\x1e\n\x16workspace_display_name\x18\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.tenancy.v1.tenancy_events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKSPACECREATEDEVENT']._serialized_start=97
-  _globals['_WORKSPACECREATEDEVENT']._serialized_end=170
-  _globals['_WORKSPACEPROVISIONEDEVENT']._serialized_start=172
-  _globals['_WORKSPACEPROVISIONEDEVENT']._serialized_end=249
+  _globals['_WORKSPACECREATEDEVENT']._serialized_start=130
+  _globals['_WORKSPACECREATEDEVENT']._serialized_end=203
+  _globals['_WORKSPACEPROVISIONEDEVENT']._serialized_start=205
+  _globals['_WORKSPACEPROVISIONEDEVENT']._serialized_end=282
+  _globals['_WORKSPACEDELETEDEVENT']._serialized_start=284
+  _globals['_WORKSPACEDELETEDEVENT']._serialized_end=357
+  _globals['_WORKSPACEUNDELETEDEVENT']._serialized_start=359
+  _globals['_WORKSPACEUNDELETEDEVENT']._serialized_end=434
+  _globals['_MEMBERSHIPCHANGEDEVENT']._serialized_start=436
+  _globals['_MEMBERSHIPCHANGEDEVENT']._serialized_end=562
+  _globals['_INVITATIONCREATEDEVENT']._serialized_start=564
+  _globals['_INVITATIONCREATEDEVENT']._serialized_end=687
 # @@protoc_insertion_point(module_scope)

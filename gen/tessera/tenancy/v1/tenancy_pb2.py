@@ -27,7 +27,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tessera/tenancy/v1/tenancy.proto\x12\x12tessera.tenancy.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x02\n\tWorkspace\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12#\n\x0c\x64isplay_name\x18\x02 \x01(\tB\r\xe2\x41\x01\x02\xbaH\x06r\x04\x10\x01\x18\x64\x12\x37\n\x05state\x18\x03 \x01(\x0e\x32\".tessera.tenancy.v1.WorkspaceStateB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reator\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03*o\n\x0eWorkspaceState\x12\x1f\n\x1bWORKSPACE_STATE_UNSPECIFIED\x10\x00\x12 \n\x1cWORKSPACE_STATE_PROVISIONING\x10\x01\x12\x1a\n\x16WORKSPACE_STATE_ACTIVE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tessera/tenancy/v1/tenancy.proto\x12\x12tessera.tenancy.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x03\n\tWorkspace\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12#\n\x0c\x64isplay_name\x18\x02 \x01(\tB\r\xe2\x41\x01\x02\xbaH\x06r\x04\x10\x01\x18\x64\x12\x37\n\x05state\x18\x03 \x01(\x0e\x32\".tessera.tenancy.v1.WorkspaceStateB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reator\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x64\x65lete_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\npurge_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x65tag\x18\t \x01(\tB\x04\xe2\x41\x01\x03\"\xb2\x01\n\x06Member\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x12\n\x04role\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04user\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\x88\x02\n\nInvitation\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x13\n\x05\x65mail\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04role\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x38\n\x05state\x18\x04 \x01(\x0e\x32#.tessera.tenancy.v1.InvitationStateB\x04\xe2\x41\x01\x03\x12\x15\n\x07inviter\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\xbd\x01\n\nAuditEvent\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x13\n\x0b\x62\x65\x66ore_json\x18\x05 \x01(\t\x12\x12\n\nafter_json\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x08 \x01(\t*\xac\x01\n\x0fInvitationState\x12 \n\x1cINVITATION_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18INVITATION_STATE_PENDING\x10\x01\x12\x1d\n\x19INVITATION_STATE_ACCEPTED\x10\x02\x12\x1c\n\x18INVITATION_STATE_REVOKED\x10\x03\x12\x1c\n\x18INVITATION_STATE_EXPIRED\x10\x04*o\n\x0eWorkspaceState\x12\x1f\n\x1bWORKSPACE_STATE_UNSPECIFIED\x10\x00\x12 \n\x1cWORKSPACE_STATE_PROVISIONING\x10\x01\x12\x1a\n\x16WORKSPACE_STATE_ACTIVE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,8 +46,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKSPACE'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_WORKSPACE'].fields_by_name['update_time']._loaded_options = None
   _globals['_WORKSPACE'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
-  _globals['_WORKSPACESTATE']._serialized_start=412
-  _globals['_WORKSPACESTATE']._serialized_end=523
+  _globals['_WORKSPACE'].fields_by_name['delete_time']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['delete_time']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACE'].fields_by_name['purge_time']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['purge_time']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACE'].fields_by_name['etag']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['etag']._serialized_options = b'\342A\001\003'
+  _globals['_MEMBER'].fields_by_name['name']._loaded_options = None
+  _globals['_MEMBER'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_MEMBER'].fields_by_name['role']._loaded_options = None
+  _globals['_MEMBER'].fields_by_name['role']._serialized_options = b'\342A\001\002'
+  _globals['_MEMBER'].fields_by_name['user']._loaded_options = None
+  _globals['_MEMBER'].fields_by_name['user']._serialized_options = b'\342A\001\003'
+  _globals['_MEMBER'].fields_by_name['create_time']._loaded_options = None
+  _globals['_MEMBER'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_MEMBER'].fields_by_name['update_time']._loaded_options = None
+  _globals['_MEMBER'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_INVITATION'].fields_by_name['name']._loaded_options = None
+  _globals['_INVITATION'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_INVITATION'].fields_by_name['email']._loaded_options = None
+  _globals['_INVITATION'].fields_by_name['email']._serialized_options = b'\342A\001\002'
+  _globals['_INVITATION'].fields_by_name['role']._loaded_options = None
+  _globals['_INVITATION'].fields_by_name['role']._serialized_options = b'\342A\001\002'
+  _globals['_INVITATION'].fields_by_name['state']._loaded_options = None
+  _globals['_INVITATION'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_INVITATION'].fields_by_name['inviter']._loaded_options = None
+  _globals['_INVITATION'].fields_by_name['inviter']._serialized_options = b'\342A\001\003'
+  _globals['_INVITATION'].fields_by_name['create_time']._loaded_options = None
+  _globals['_INVITATION'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_INVITATION'].fields_by_name['expire_time']._loaded_options = None
+  _globals['_INVITATION'].fields_by_name['expire_time']._serialized_options = b'\342A\001\003'
+  _globals['_AUDITEVENT'].fields_by_name['name']._loaded_options = None
+  _globals['_AUDITEVENT'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_INVITATIONSTATE']._serialized_start=1182
+  _globals['_INVITATIONSTATE']._serialized_end=1354
+  _globals['_WORKSPACESTATE']._serialized_start=1356
+  _globals['_WORKSPACESTATE']._serialized_end=1467
   _globals['_WORKSPACE']._serialized_start=152
-  _globals['_WORKSPACE']._serialized_end=410
+  _globals['_WORKSPACE']._serialized_end=539
+  _globals['_MEMBER']._serialized_start=542
+  _globals['_MEMBER']._serialized_end=720
+  _globals['_INVITATION']._serialized_start=723
+  _globals['_INVITATION']._serialized_end=987
+  _globals['_AUDITEVENT']._serialized_start=990
+  _globals['_AUDITEVENT']._serialized_end=1179
 # @@protoc_insertion_point(module_scope)

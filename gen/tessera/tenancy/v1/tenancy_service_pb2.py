@@ -25,10 +25,12 @@ _sym_db = _symbol_database.Default()
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from tessera.common.v1 import auth_pb2 as tessera_dot_common_dot_v1_dot_auth__pb2
 from tessera.tenancy.v1 import tenancy_pb2 as tessera_dot_tenancy_dot_v1_dot_tenancy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(tessera/tenancy/v1/tenancy_service.proto\x12\x12tessera.tenancy.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a tessera/tenancy/v1/tenancy.proto\"w\n\x16\x43reateWorkspaceRequest\x12<\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.WorkspaceB\n\xe2\x41\x01\x02\xbaH\x03\xc8\x01\x01\x12\x1f\n\nrequest_id\x18\x02 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\"K\n\x17\x43reateWorkspaceResponse\x12\x30\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.Workspace\"\x88\x01\n\x13GetWorkspaceRequest\x12q\n\x04name\x18\x01 \x01(\tBc\xe2\x41\x01\x02\xbaH\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\"H\n\x14GetWorkspaceResponse\x12\x30\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.Workspace\"Q\n\x15ListWorkspacesRequest\x12\x1a\n\tpage_size\x18\x01 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x10\"d\n\x16ListWorkspacesResponse\x12\x31\n\nworkspaces\x18\x01 \x03(\x0b\x32\x1d.tessera.tenancy.v1.Workspace\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa6\x03\n\x0eTenancyService\x12\x8d\x01\n\x0f\x43reateWorkspace\x12*.tessera.tenancy.v1.CreateWorkspaceRequest\x1a+.tessera.tenancy.v1.CreateWorkspaceResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x0e/v1/workspaces:\tworkspace\x12\x82\x01\n\x0cGetWorkspace\x12\'.tessera.tenancy.v1.GetWorkspaceRequest\x1a(.tessera.tenancy.v1.GetWorkspaceResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=workspaces/*}\x12\x7f\n\x0eListWorkspaces\x12).tessera.tenancy.v1.ListWorkspacesRequest\x1a*.tessera.tenancy.v1.ListWorkspacesResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/workspacesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(tessera/tenancy/v1/tenancy_service.proto\x12\x12tessera.tenancy.v1\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1ctessera/common/v1/auth.proto\x1a tessera/tenancy/v1/tenancy.proto\"w\n\x16\x43reateWorkspaceRequest\x12<\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.WorkspaceB\n\xe2\x41\x01\x02\xbaH\x03\xc8\x01\x01\x12\x1f\n\nrequest_id\x18\x02 \x01(\tB\x0b\xbaH\x08r\x03\xb0\x01\x01\xd8\x01\x01\"K\n\x17\x43reateWorkspaceResponse\x12\x30\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.Workspace\"\x88\x01\n\x13GetWorkspaceRequest\x12q\n\x04name\x18\x01 \x01(\tBc\xe2\x41\x01\x02\xbaH\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\"H\n\x14GetWorkspaceResponse\x12\x30\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.Workspace\"g\n\x15ListWorkspacesRequest\x12\x1a\n\tpage_size\x18\x01 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x10\x12\x14\n\x0cshow_deleted\x18\x03 \x01(\x08\"d\n\x16ListWorkspacesResponse\x12\x31\n\nworkspaces\x18\x01 \x03(\x0b\x32\x1d.tessera.tenancy.v1.Workspace\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x01\n\x16UpdateWorkspaceRequest\x12<\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.WorkspaceB\n\xe2\x41\x01\x02\xbaH\x03\xc8\x01\x01\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"K\n\x17UpdateWorkspaceResponse\x12\x30\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.Workspace\"\x99\x01\n\x16\x44\x65leteWorkspaceRequest\x12q\n\x04name\x18\x01 \x01(\tBc\xe2\x41\x01\x02\xbaH\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"K\n\x17\x44\x65leteWorkspaceResponse\x12\x30\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.Workspace\"\x8d\x01\n\x18UndeleteWorkspaceRequest\x12q\n\x04name\x18\x01 \x01(\tBc\xe2\x41\x01\x02\xbaH\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\"M\n\x19UndeleteWorkspaceResponse\x12\x30\n\tworkspace\x18\x01 \x01(\x0b\x32\x1d.tessera.tenancy.v1.Workspace\"\x91\x01\n\x17LookupMembershipRequest\x12v\n\tworkspace\x18\x01 \x01(\tBc\xe2\x41\x01\x02\xbaH\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\"F\n\x18LookupMembershipResponse\x12*\n\x06member\x18\x01 \x01(\x0b\x32\x1a.tessera.tenancy.v1.Member\"\xc3\x01\n\x12ListMembersRequest\x12s\n\x06parent\x18\x01 \x01(\tBc\xe2\x41\x01\x02\xbaH\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\x12\x1a\n\tpage_size\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x10\"[\n\x13ListMembersResponse\x12+\n\x07members\x18\x01 \x03(\x0b\x32\x1a.tessera.tenancy.v1.Member\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"~\n\x13UpdateMemberRequest\x12\x36\n\x06member\x18\x01 \x01(\x0b\x32\x1a.tessera.tenancy.v1.MemberB\n\xe2\x41\x01\x02\xbaH\x03\xc8\x01\x01\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"B\n\x14UpdateMemberResponse\x12*\n\x06member\x18\x01 \x01(\x0b\x32\x1a.tessera.tenancy.v1.Member\"3\n\x13RemoveMemberRequest\x12\x1c\n\x04name\x18\x01 \x01(\tB\x0e\xe2\x41\x01\x02\xbaH\x07r\x05\x10\x01\x18\xc8\x01\"\x16\n\x14RemoveMemberResponse\"\x8a\x01\n\x15LeaveWorkspaceRequest\x12q\n\x04name\x18\x01 \x01(\tBc\xe2\x41\x01\x02\xbaH\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\"\x18\n\x16LeaveWorkspaceResponse\"\xb0\x01\n\x18TransferOwnershipRequest\x12q\n\x04name\x18\x01 \x01(\tBc\xe2\x41\x01\x02\xbaH\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\x12!\n\tnew_owner\x18\x02 \x01(\tB\x0e\xe2\x41\x01\x02\xbaH\x07r\x05\x10\x01\x18\xc8\x01\"~\n\x19TransferOwnershipResponse\x12-\n\tnew_owner\x18\x01 \x01(\x0b\x32\x1a.tessera.tenancy.v1.Member\x12\x32\n\x0eprevious_owner\x18\x02 \x01(\x0b\x32\x1a.tessera.tenancy.v1.Member\"\xce\x01\n\x17\x43reateInvitationRequest\x12s\n\x06parent\x18\x01 \x01(\tBc\xe2\x41\x01\x02\xbaH\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\x12>\n\ninvitation\x18\x02 \x01(\x0b\x32\x1e.tessera.tenancy.v1.InvitationB\n\xe2\x41\x01\x02\xbaH\x03\xc8\x01\x01\"N\n\x18\x43reateInvitationResponse\x12\x32\n\ninvitation\x18\x01 \x01(\x0b\x32\x1e.tessera.tenancy.v1.Invitation\"\xc7\x01\n\x16ListInvitationsRequest\x12s\n\x06parent\x18\x01 \x01(\tBc\xe2\x41\x01\x02\xbaH\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\x12\x1a\n\tpage_size\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x10\"g\n\x17ListInvitationsResponse\x12\x33\n\x0binvitations\x18\x01 \x03(\x0b\x32\x1e.tessera.tenancy.v1.Invitation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x17RevokeInvitationRequest\x12\x1c\n\x04name\x18\x01 \x01(\tB\x0e\xe2\x41\x01\x02\xbaH\x07r\x05\x10\x01\x18\xc8\x01\"N\n\x18RevokeInvitationResponse\x12\x32\n\ninvitation\x18\x01 \x01(\x0b\x32\x1e.tessera.tenancy.v1.Invitation\"8\n\x17\x41\x63\x63\x65ptInvitationRequest\x12\x1d\n\x05token\x18\x01 \x01(\tB\x0e\xe2\x41\x01\x02\xbaH\x07r\x05\x10\x01\x18\x80\x02\"F\n\x18\x41\x63\x63\x65ptInvitationResponse\x12*\n\x06member\x18\x01 \x01(\x0b\x32\x1a.tessera.tenancy.v1.Member\"\xc7\x01\n\x16ListAuditEventsRequest\x12s\n\x06parent\x18\x01 \x01(\tBc\xe2\x41\x01\x02\xbaH\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$\x12\x1a\n\tpage_size\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x10\"h\n\x17ListAuditEventsResponse\x12\x34\n\x0c\x61udit_events\x18\x01 \x03(\x0b\x32\x1e.tessera.tenancy.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xee\x16\n\x0eTenancyService\x12\x93\x01\n\x0f\x43reateWorkspace\x12*.tessera.tenancy.v1.CreateWorkspaceRequest\x1a+.tessera.tenancy.v1.CreateWorkspaceResponse\"\'\x8a\xb5\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1b\"\x0e/v1/workspaces:\tworkspace\x12\x98\x01\n\x0cGetWorkspace\x12\'.tessera.tenancy.v1.GetWorkspaceRequest\x1a(.tessera.tenancy.v1.GetWorkspaceResponse\"5\x8a\xb5\x18\x12\x08\x03\x12\x0eworkspace.read\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=workspaces/*}\x12\x85\x01\n\x0eListWorkspaces\x12).tessera.tenancy.v1.ListWorkspacesRequest\x1a*.tessera.tenancy.v1.ListWorkspacesResponse\"\x1c\x8a\xb5\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/workspaces\x12\xb8\x01\n\x0fUpdateWorkspace\x12*.tessera.tenancy.v1.UpdateWorkspaceRequest\x1a+.tessera.tenancy.v1.UpdateWorkspaceResponse\"L\x8a\xb5\x18\x14\x08\x03\x12\x10workspace.update\x82\xd3\xe4\x93\x02.2!/v1/{workspace.name=workspaces/*}:\tworkspace\x12\xa3\x01\n\x0f\x44\x65leteWorkspace\x12*.tessera.tenancy.v1.DeleteWorkspaceRequest\x1a+.tessera.tenancy.v1.DeleteWorkspaceResponse\"7\x8a\xb5\x18\x14\x08\x03\x12\x10workspace.delete\x82\xd3\xe4\x93\x02\x19*\x17/v1/{name=workspaces/*}\x12\xb5\x01\n\x11UndeleteWorkspace\x12,.tessera.tenancy.v1.UndeleteWorkspaceRequest\x1a-.tessera.tenancy.v1.UndeleteWorkspaceResponse\"C\x8a\xb5\x18\x14\x08\x03\x12\x10workspace.delete\x82\xd3\xe4\x93\x02%\" /v1/{name=workspaces/*}:undelete:\x01*\x12\xaa\x01\n\x10LookupMembership\x12+.tessera.tenancy.v1.LookupMembershipRequest\x1a,.tessera.tenancy.v1.LookupMembershipResponse\";\x8a\xb5\x18\x02\x08\x02\x82\xd3\xe4\x93\x02/\x12-/v1/{workspace=workspaces/*}:lookupMembership\x12\x9d\x01\n\x0bListMembers\x12&.tessera.tenancy.v1.ListMembersRequest\x1a\'.tessera.tenancy.v1.ListMembersResponse\"=\x8a\xb5\x18\x10\x08\x03\x12\x0cmembers.read\x82\xd3\xe4\x93\x02#\x12!/v1/{parent=workspaces/*}/members\x12\xb1\x01\n\x0cUpdateMember\x12\'.tessera.tenancy.v1.UpdateMemberRequest\x1a(.tessera.tenancy.v1.UpdateMemberResponse\"N\x8a\xb5\x18\x12\x08\x03\x12\x0emembers.manage\x82\xd3\xe4\x93\x02\x32\x32(/v1/{member.name=workspaces/*/members/*}:\x06member\x12\xa2\x01\n\x0cRemoveMember\x12\'.tessera.tenancy.v1.RemoveMemberRequest\x1a(.tessera.tenancy.v1.RemoveMemberResponse\"?\x8a\xb5\x18\x12\x08\x03\x12\x0emembers.manage\x82\xd3\xe4\x93\x02#*!/v1/{name=workspaces/*/members/*}\x12\xa7\x01\n\x0eLeaveWorkspace\x12).tessera.tenancy.v1.LeaveWorkspaceRequest\x1a*.tessera.tenancy.v1.LeaveWorkspaceResponse\">\x8a\xb5\x18\x12\x08\x03\x12\x0eworkspace.read\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{name=workspaces/*}:leave:\x01*\x12\xc0\x01\n\x11TransferOwnership\x12,.tessera.tenancy.v1.TransferOwnershipRequest\x1a-.tessera.tenancy.v1.TransferOwnershipResponse\"N\x8a\xb5\x18\x16\x08\x03\x12\x12workspace.transfer\x82\xd3\xe4\x93\x02.\")/v1/{name=workspaces/*}:transferOwnership:\x01*\x12\xbe\x01\n\x10\x43reateInvitation\x12+.tessera.tenancy.v1.CreateInvitationRequest\x1a,.tessera.tenancy.v1.CreateInvitationResponse\"O\x8a\xb5\x18\x12\x08\x03\x12\x0emembers.manage\x82\xd3\xe4\x93\x02\x33\"%/v1/{parent=workspaces/*}/invitations:\ninvitation\x12\xaf\x01\n\x0fListInvitations\x12*.tessera.tenancy.v1.ListInvitationsRequest\x1a+.tessera.tenancy.v1.ListInvitationsResponse\"C\x8a\xb5\x18\x12\x08\x03\x12\x0emembers.manage\x82\xd3\xe4\x93\x02\'\x12%/v1/{parent=workspaces/*}/invitations\x12\xbc\x01\n\x10RevokeInvitation\x12+.tessera.tenancy.v1.RevokeInvitationRequest\x1a,.tessera.tenancy.v1.RevokeInvitationResponse\"M\x8a\xb5\x18\x12\x08\x03\x12\x0emembers.manage\x82\xd3\xe4\x93\x02\x31\",/v1/{name=workspaces/*/invitations/*}:revoke:\x01*\x12\x96\x01\n\x10\x41\x63\x63\x65ptInvitation\x12+.tessera.tenancy.v1.AcceptInvitationRequest\x1a,.tessera.tenancy.v1.AcceptInvitationResponse\"\'\x8a\xb5\x18\x02\x08\x02\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/invitations:accept:\x01*\x12\xab\x01\n\x0fListAuditEvents\x12*.tessera.tenancy.v1.ListAuditEventsRequest\x1a+.tessera.tenancy.v1.ListAuditEventsResponse\"?\x8a\xb5\x18\x0e\x08\x03\x12\naudit.read\x82\xd3\xe4\x93\x02\'\x12%/v1/{parent=workspaces/*}/auditEventsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,24 +47,152 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTWORKSPACESREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
   _globals['_LISTWORKSPACESREQUEST'].fields_by_name['page_token']._loaded_options = None
   _globals['_LISTWORKSPACESREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\020'
+  _globals['_UPDATEWORKSPACEREQUEST'].fields_by_name['workspace']._loaded_options = None
+  _globals['_UPDATEWORKSPACEREQUEST'].fields_by_name['workspace']._serialized_options = b'\342A\001\002\272H\003\310\001\001'
+  _globals['_DELETEWORKSPACEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DELETEWORKSPACEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\272H\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+  _globals['_UNDELETEWORKSPACEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_UNDELETEWORKSPACEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\272H\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+  _globals['_LOOKUPMEMBERSHIPREQUEST'].fields_by_name['workspace']._loaded_options = None
+  _globals['_LOOKUPMEMBERSHIPREQUEST'].fields_by_name['workspace']._serialized_options = b'\342A\001\002\272H\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+  _globals['_LISTMEMBERSREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTMEMBERSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\272H\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+  _globals['_LISTMEMBERSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTMEMBERSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_LISTMEMBERSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTMEMBERSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\020'
+  _globals['_UPDATEMEMBERREQUEST'].fields_by_name['member']._loaded_options = None
+  _globals['_UPDATEMEMBERREQUEST'].fields_by_name['member']._serialized_options = b'\342A\001\002\272H\003\310\001\001'
+  _globals['_REMOVEMEMBERREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_REMOVEMEMBERREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\272H\007r\005\020\001\030\310\001'
+  _globals['_LEAVEWORKSPACEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_LEAVEWORKSPACEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\272H\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+  _globals['_TRANSFEROWNERSHIPREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_TRANSFEROWNERSHIPREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\272H\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+  _globals['_TRANSFEROWNERSHIPREQUEST'].fields_by_name['new_owner']._loaded_options = None
+  _globals['_TRANSFEROWNERSHIPREQUEST'].fields_by_name['new_owner']._serialized_options = b'\342A\001\002\272H\007r\005\020\001\030\310\001'
+  _globals['_CREATEINVITATIONREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_CREATEINVITATIONREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\272H\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+  _globals['_CREATEINVITATIONREQUEST'].fields_by_name['invitation']._loaded_options = None
+  _globals['_CREATEINVITATIONREQUEST'].fields_by_name['invitation']._serialized_options = b'\342A\001\002\272H\003\310\001\001'
+  _globals['_LISTINVITATIONSREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTINVITATIONSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\272H\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+  _globals['_LISTINVITATIONSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTINVITATIONSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_LISTINVITATIONSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTINVITATIONSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\020'
+  _globals['_REVOKEINVITATIONREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_REVOKEINVITATIONREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\272H\007r\005\020\001\030\310\001'
+  _globals['_ACCEPTINVITATIONREQUEST'].fields_by_name['token']._loaded_options = None
+  _globals['_ACCEPTINVITATIONREQUEST'].fields_by_name['token']._serialized_options = b'\342A\001\002\272H\007r\005\020\001\030\200\002'
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\272H\\rZ2X^workspaces/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTAUDITEVENTSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\020'
   _globals['_TENANCYSERVICE'].methods_by_name['CreateWorkspace']._loaded_options = None
-  _globals['_TENANCYSERVICE'].methods_by_name['CreateWorkspace']._serialized_options = b'\202\323\344\223\002\033\"\016/v1/workspaces:\tworkspace'
+  _globals['_TENANCYSERVICE'].methods_by_name['CreateWorkspace']._serialized_options = b'\212\265\030\002\010\002\202\323\344\223\002\033\"\016/v1/workspaces:\tworkspace'
   _globals['_TENANCYSERVICE'].methods_by_name['GetWorkspace']._loaded_options = None
-  _globals['_TENANCYSERVICE'].methods_by_name['GetWorkspace']._serialized_options = b'\202\323\344\223\002\031\022\027/v1/{name=workspaces/*}'
+  _globals['_TENANCYSERVICE'].methods_by_name['GetWorkspace']._serialized_options = b'\212\265\030\022\010\003\022\016workspace.read\202\323\344\223\002\031\022\027/v1/{name=workspaces/*}'
   _globals['_TENANCYSERVICE'].methods_by_name['ListWorkspaces']._loaded_options = None
-  _globals['_TENANCYSERVICE'].methods_by_name['ListWorkspaces']._serialized_options = b'\202\323\344\223\002\020\022\016/v1/workspaces'
-  _globals['_CREATEWORKSPACEREQUEST']._serialized_start=190
-  _globals['_CREATEWORKSPACEREQUEST']._serialized_end=309
-  _globals['_CREATEWORKSPACERESPONSE']._serialized_start=311
-  _globals['_CREATEWORKSPACERESPONSE']._serialized_end=386
-  _globals['_GETWORKSPACEREQUEST']._serialized_start=389
-  _globals['_GETWORKSPACEREQUEST']._serialized_end=525
-  _globals['_GETWORKSPACERESPONSE']._serialized_start=527
-  _globals['_GETWORKSPACERESPONSE']._serialized_end=599
-  _globals['_LISTWORKSPACESREQUEST']._serialized_start=601
-  _globals['_LISTWORKSPACESREQUEST']._serialized_end=682
-  _globals['_LISTWORKSPACESRESPONSE']._serialized_start=684
-  _globals['_LISTWORKSPACESRESPONSE']._serialized_end=784
-  _globals['_TENANCYSERVICE']._serialized_start=787
-  _globals['_TENANCYSERVICE']._serialized_end=1209
+  _globals['_TENANCYSERVICE'].methods_by_name['ListWorkspaces']._serialized_options = b'\212\265\030\002\010\002\202\323\344\223\002\020\022\016/v1/workspaces'
+  _globals['_TENANCYSERVICE'].methods_by_name['UpdateWorkspace']._loaded_options = None
+  _globals['_TENANCYSERVICE'].methods_by_name['UpdateWorkspace']._serialized_options = b'\212\265\030\024\010\003\022\020workspace.update\202\323\344\223\002.2!/v1/{workspace.name=workspaces/*}:\tworkspace'
+  _globals['_TENANCYSERVICE'].methods_by_name['DeleteWorkspace']._loaded_options = None
+  _globals['_TENANCYSERVICE'].methods_by_name['DeleteWorkspace']._serialized_options = b'\212\265\030\024\010\003\022\020workspace.delete\202\323\344\223\002\031*\027/v1/{name=workspaces/*}'
+  _globals['_TENANCYSERVICE'].methods_by_name['UndeleteWorkspace']._loaded_options = None
+  _globals['_TENANCYSERVICE'].methods_by_name['UndeleteWorkspace']._serialized_options = b'\212\265\030\024\010\003\022\020workspace.delete\202\323\344\223\002%\" /v1/{name=workspaces/*}:undelete:\001*'
+  _globals['_TENANCYSERVICE'].methods_by_name['LookupMembership']._loaded_options = None
+  _globals['_TENANCYSERVICE'].methods_by_name['LookupMembership']._serialized_options = b'\212\265\030\002\010\002\202\323\344\223\002/\022-/v1/{workspace=workspaces/*}:lookupMembership'
+  _globals['_TENANCYSERVICE'].methods_by_name['ListMembers']._loaded_options = None
+  _globals['_TENANCYSERVICE'].methods_by_name['ListMembers']._serialized_options = b'\212\265\030\020\010\003\022\014members.read\202\323\344\223\002#\022!/v1/{parent=workspaces/*}/members'
+  _globals['_TENANCYSERVICE'].methods_by_name['UpdateMember']._loaded_options = None
+  _globals['_TENANCYSERVICE'].methods_by_name['UpdateMember']._serialized_options = b'\212\265\030\022\010\003\022\016members.manage\202\323\344\223\00222(/v1/{member.name=workspaces/*/members/*}:\006member'
+  _globals['_TENANCYSERVICE'].methods_by_name['RemoveMember']._loaded_options = None
+  _globals['_TENANCYSERVICE'].methods_by_name['RemoveMember']._serialized_options = b'\212\265\030\022\010\003\022\016members.manage\202\323\344\223\002#*!/v1/{name=workspaces/*/members/*}'
+  _globals['_TENANCYSERVICE'].methods_by_name['LeaveWorkspace']._loaded_options = None
+  _globals['_TENANCYSERVICE'].methods_by_name['LeaveWorkspace']._serialized_options = b'\212\265\030\022\010\003\022\016workspace.read\202\323\344\223\002\"\"\035/v1/{name=workspaces/*}:leave:\001*'
+  _globals['_TENANCYSERVICE'].methods_by_name['TransferOwnership']._loaded_options = None
+  _globals['_TENANCYSERVICE'].methods_by_name['TransferOwnership']._serialized_options = b'\212\265\030\026\010\003\022\022workspace.transfer\202\323\344\223\002.\")/v1/{name=workspaces/*}:transferOwnership:\001*'
+  _globals['_TENANCYSERVICE'].methods_by_name['CreateInvitation']._loaded_options = None
+  _globals['_TENANCYSERVICE'].methods_by_name['CreateInvitation']._serialized_options = b'\212\265\030\022\010\003\022\016members.manage\202\323\344\223\0023\"%/v1/{parent=workspaces/*}/invitations:\ninvitation'
+  _globals['_TENANCYSERVICE'].methods_by_name['ListInvitations']._loaded_options = None
+  _globals['_TENANCYSERVICE'].methods_by_name['ListInvitations']._serialized_options = b'\212\265\030\022\010\003\022\016members.manage\202\323\344\223\002\'\022%/v1/{parent=workspaces/*}/invitations'
+  _globals['_TENANCYSERVICE'].methods_by_name['RevokeInvitation']._loaded_options = None
+  _globals['_TENANCYSERVICE'].methods_by_name['RevokeInvitation']._serialized_options = b'\212\265\030\022\010\003\022\016members.manage\202\323\344\223\0021\",/v1/{name=workspaces/*/invitations/*}:revoke:\001*'
+  _globals['_TENANCYSERVICE'].methods_by_name['AcceptInvitation']._loaded_options = None
+  _globals['_TENANCYSERVICE'].methods_by_name['AcceptInvitation']._serialized_options = b'\212\265\030\002\010\002\202\323\344\223\002\033\"\026/v1/invitations:accept:\001*'
+  _globals['_TENANCYSERVICE'].methods_by_name['ListAuditEvents']._loaded_options = None
+  _globals['_TENANCYSERVICE'].methods_by_name['ListAuditEvents']._serialized_options = b'\212\265\030\016\010\003\022\naudit.read\202\323\344\223\002\'\022%/v1/{parent=workspaces/*}/auditEvents'
+  _globals['_CREATEWORKSPACEREQUEST']._serialized_start=254
+  _globals['_CREATEWORKSPACEREQUEST']._serialized_end=373
+  _globals['_CREATEWORKSPACERESPONSE']._serialized_start=375
+  _globals['_CREATEWORKSPACERESPONSE']._serialized_end=450
+  _globals['_GETWORKSPACEREQUEST']._serialized_start=453
+  _globals['_GETWORKSPACEREQUEST']._serialized_end=589
+  _globals['_GETWORKSPACERESPONSE']._serialized_start=591
+  _globals['_GETWORKSPACERESPONSE']._serialized_end=663
+  _globals['_LISTWORKSPACESREQUEST']._serialized_start=665
+  _globals['_LISTWORKSPACESREQUEST']._serialized_end=768
+  _globals['_LISTWORKSPACESRESPONSE']._serialized_start=770
+  _globals['_LISTWORKSPACESRESPONSE']._serialized_end=870
+  _globals['_UPDATEWORKSPACEREQUEST']._serialized_start=873
+  _globals['_UPDATEWORKSPACEREQUEST']._serialized_end=1008
+  _globals['_UPDATEWORKSPACERESPONSE']._serialized_start=1010
+  _globals['_UPDATEWORKSPACERESPONSE']._serialized_end=1085
+  _globals['_DELETEWORKSPACEREQUEST']._serialized_start=1088
+  _globals['_DELETEWORKSPACEREQUEST']._serialized_end=1241
+  _globals['_DELETEWORKSPACERESPONSE']._serialized_start=1243
+  _globals['_DELETEWORKSPACERESPONSE']._serialized_end=1318
+  _globals['_UNDELETEWORKSPACEREQUEST']._serialized_start=1321
+  _globals['_UNDELETEWORKSPACEREQUEST']._serialized_end=1462
+  _globals['_UNDELETEWORKSPACERESPONSE']._serialized_start=1464
+  _globals['_UNDELETEWORKSPACERESPONSE']._serialized_end=1541
+  _globals['_LOOKUPMEMBERSHIPREQUEST']._serialized_start=1544
+  _globals['_LOOKUPMEMBERSHIPREQUEST']._serialized_end=1689
+  _globals['_LOOKUPMEMBERSHIPRESPONSE']._serialized_start=1691
+  _globals['_LOOKUPMEMBERSHIPRESPONSE']._serialized_end=1761
+  _globals['_LISTMEMBERSREQUEST']._serialized_start=1764
+  _globals['_LISTMEMBERSREQUEST']._serialized_end=1959
+  _globals['_LISTMEMBERSRESPONSE']._serialized_start=1961
+  _globals['_LISTMEMBERSRESPONSE']._serialized_end=2052
+  _globals['_UPDATEMEMBERREQUEST']._serialized_start=2054
+  _globals['_UPDATEMEMBERREQUEST']._serialized_end=2180
+  _globals['_UPDATEMEMBERRESPONSE']._serialized_start=2182
+  _globals['_UPDATEMEMBERRESPONSE']._serialized_end=2248
+  _globals['_REMOVEMEMBERREQUEST']._serialized_start=2250
+  _globals['_REMOVEMEMBERREQUEST']._serialized_end=2301
+  _globals['_REMOVEMEMBERRESPONSE']._serialized_start=2303
+  _globals['_REMOVEMEMBERRESPONSE']._serialized_end=2325
+  _globals['_LEAVEWORKSPACEREQUEST']._serialized_start=2328
+  _globals['_LEAVEWORKSPACEREQUEST']._serialized_end=2466
+  _globals['_LEAVEWORKSPACERESPONSE']._serialized_start=2468
+  _globals['_LEAVEWORKSPACERESPONSE']._serialized_end=2492
+  _globals['_TRANSFEROWNERSHIPREQUEST']._serialized_start=2495
+  _globals['_TRANSFEROWNERSHIPREQUEST']._serialized_end=2671
+  _globals['_TRANSFEROWNERSHIPRESPONSE']._serialized_start=2673
+  _globals['_TRANSFEROWNERSHIPRESPONSE']._serialized_end=2799
+  _globals['_CREATEINVITATIONREQUEST']._serialized_start=2802
+  _globals['_CREATEINVITATIONREQUEST']._serialized_end=3008
+  _globals['_CREATEINVITATIONRESPONSE']._serialized_start=3010
+  _globals['_CREATEINVITATIONRESPONSE']._serialized_end=3088
+  _globals['_LISTINVITATIONSREQUEST']._serialized_start=3091
+  _globals['_LISTINVITATIONSREQUEST']._serialized_end=3290
+  _globals['_LISTINVITATIONSRESPONSE']._serialized_start=3292
+  _globals['_LISTINVITATIONSRESPONSE']._serialized_end=3395
+  _globals['_REVOKEINVITATIONREQUEST']._serialized_start=3397
+  _globals['_REVOKEINVITATIONREQUEST']._serialized_end=3452
+  _globals['_REVOKEINVITATIONRESPONSE']._serialized_start=3454
+  _globals['_REVOKEINVITATIONRESPONSE']._serialized_end=3532
+  _globals['_ACCEPTINVITATIONREQUEST']._serialized_start=3534
+  _globals['_ACCEPTINVITATIONREQUEST']._serialized_end=3590
+  _globals['_ACCEPTINVITATIONRESPONSE']._serialized_start=3592
+  _globals['_ACCEPTINVITATIONRESPONSE']._serialized_end=3662
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=3665
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=3864
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=3866
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=3970
+  _globals['_TENANCYSERVICE']._serialized_start=3973
+  _globals['_TENANCYSERVICE']._serialized_end=6899
 # @@protoc_insertion_point(module_scope)

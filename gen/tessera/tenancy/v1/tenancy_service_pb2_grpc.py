@@ -50,6 +50,76 @@ class TenancyServiceStub:
                 request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListWorkspacesRequest.SerializeToString,
                 response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListWorkspacesResponse.FromString,
                 _registered_method=True)
+        self.UpdateWorkspace = channel.unary_unary(
+                '/tessera.tenancy.v1.TenancyService/UpdateWorkspace',
+                request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UpdateWorkspaceRequest.SerializeToString,
+                response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UpdateWorkspaceResponse.FromString,
+                _registered_method=True)
+        self.DeleteWorkspace = channel.unary_unary(
+                '/tessera.tenancy.v1.TenancyService/DeleteWorkspace',
+                request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.DeleteWorkspaceRequest.SerializeToString,
+                response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.DeleteWorkspaceResponse.FromString,
+                _registered_method=True)
+        self.UndeleteWorkspace = channel.unary_unary(
+                '/tessera.tenancy.v1.TenancyService/UndeleteWorkspace',
+                request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UndeleteWorkspaceRequest.SerializeToString,
+                response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UndeleteWorkspaceResponse.FromString,
+                _registered_method=True)
+        self.LookupMembership = channel.unary_unary(
+                '/tessera.tenancy.v1.TenancyService/LookupMembership',
+                request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.LookupMembershipRequest.SerializeToString,
+                response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.LookupMembershipResponse.FromString,
+                _registered_method=True)
+        self.ListMembers = channel.unary_unary(
+                '/tessera.tenancy.v1.TenancyService/ListMembers',
+                request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListMembersRequest.SerializeToString,
+                response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListMembersResponse.FromString,
+                _registered_method=True)
+        self.UpdateMember = channel.unary_unary(
+                '/tessera.tenancy.v1.TenancyService/UpdateMember',
+                request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UpdateMemberRequest.SerializeToString,
+                response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UpdateMemberResponse.FromString,
+                _registered_method=True)
+        self.RemoveMember = channel.unary_unary(
+                '/tessera.tenancy.v1.TenancyService/RemoveMember',
+                request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.RemoveMemberRequest.SerializeToString,
+                response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.RemoveMemberResponse.FromString,
+                _registered_method=True)
+        self.LeaveWorkspace = channel.unary_unary(
+                '/tessera.tenancy.v1.TenancyService/LeaveWorkspace',
+                request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.LeaveWorkspaceRequest.SerializeToString,
+                response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.LeaveWorkspaceResponse.FromString,
+                _registered_method=True)
+        self.TransferOwnership = channel.unary_unary(
+                '/tessera.tenancy.v1.TenancyService/TransferOwnership',
+                request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.TransferOwnershipRequest.SerializeToString,
+                response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.TransferOwnershipResponse.FromString,
+                _registered_method=True)
+        self.CreateInvitation = channel.unary_unary(
+                '/tessera.tenancy.v1.TenancyService/CreateInvitation',
+                request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.CreateInvitationRequest.SerializeToString,
+                response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.CreateInvitationResponse.FromString,
+                _registered_method=True)
+        self.ListInvitations = channel.unary_unary(
+                '/tessera.tenancy.v1.TenancyService/ListInvitations',
+                request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListInvitationsRequest.SerializeToString,
+                response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListInvitationsResponse.FromString,
+                _registered_method=True)
+        self.RevokeInvitation = channel.unary_unary(
+                '/tessera.tenancy.v1.TenancyService/RevokeInvitation',
+                request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.RevokeInvitationRequest.SerializeToString,
+                response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.RevokeInvitationResponse.FromString,
+                _registered_method=True)
+        self.AcceptInvitation = channel.unary_unary(
+                '/tessera.tenancy.v1.TenancyService/AcceptInvitation',
+                request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.AcceptInvitationRequest.SerializeToString,
+                response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.AcceptInvitationResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/tessera.tenancy.v1.TenancyService/ListAuditEvents',
+                request_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class TenancyServiceServicer:
@@ -84,6 +154,121 @@ class TenancyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateWorkspace(self, request, context):
+        """Updates a workspace's display_name (AIP-134: update_mask, etag).
+        Errors: INVALID_ARGUMENT, PERMISSION_DENIED, NOT_FOUND, ABORTED (stale etag).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWorkspace(self, request, context):
+        """Soft-deletes a workspace; it can be restored until its purge_time.
+        Errors: PERMISSION_DENIED (only owners), NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndeleteWorkspace(self, request, context):
+        """Restores a soft-deleted workspace within its restore window.
+        Errors: PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (not deleted,
+        or past purge_time).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupMembership(self, request, context):
+        """Returns the caller's own membership of a workspace (used to issue
+        workspace-scoped tokens). Errors: NOT_FOUND (not a member, or the
+        workspace is deleted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMembers(self, request, context):
+        """Lists the members of a workspace. Errors: PERMISSION_DENIED, NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateMember(self, request, context):
+        """Changes a member's role. Only owners grant or remove `owner`; the last
+        owner cannot be demoted. Errors: INVALID_ARGUMENT (unknown role),
+        PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION (last owner).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveMember(self, request, context):
+        """Removes a member. Errors: PERMISSION_DENIED, NOT_FOUND,
+        FAILED_PRECONDITION (the last owner cannot be removed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaveWorkspace(self, request, context):
+        """The caller leaves the workspace. Errors: NOT_FOUND, FAILED_PRECONDITION
+        (the last owner cannot leave: transfer ownership first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransferOwnership(self, request, context):
+        """Makes another member an owner and the caller an admin.
+        Errors: PERMISSION_DENIED (only owners), NOT_FOUND (not a member).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateInvitation(self, request, context):
+        """Invites someone by email with a role; the mail carries a single-use token.
+        Errors: INVALID_ARGUMENT (bad email or role), PERMISSION_DENIED,
+        NOT_FOUND, ALREADY_EXISTS (a pending invitation for that email).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInvitations(self, request, context):
+        """Lists a workspace's invitations. Errors: PERMISSION_DENIED, NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeInvitation(self, request, context):
+        """Revokes a pending invitation. Errors: PERMISSION_DENIED, NOT_FOUND,
+        FAILED_PRECONDITION (no longer pending).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcceptInvitation(self, request, context):
+        """Accepts an invitation with the token from the mail; the caller becomes a
+        member with the invited role. Errors: INVALID_ARGUMENT (unknown, used,
+        revoked or expired token), ALREADY_EXISTS (already a member).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """Lists a workspace's audit log, newest first. Errors: PERMISSION_DENIED,
+        NOT_FOUND, INVALID_ARGUMENT (bad page token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TenancyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -101,6 +286,76 @@ def add_TenancyServiceServicer_to_server(servicer, server):
                     servicer.ListWorkspaces,
                     request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListWorkspacesRequest.FromString,
                     response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListWorkspacesResponse.SerializeToString,
+            ),
+            'UpdateWorkspace': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWorkspace,
+                    request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UpdateWorkspaceRequest.FromString,
+                    response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UpdateWorkspaceResponse.SerializeToString,
+            ),
+            'DeleteWorkspace': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWorkspace,
+                    request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.DeleteWorkspaceRequest.FromString,
+                    response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.DeleteWorkspaceResponse.SerializeToString,
+            ),
+            'UndeleteWorkspace': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndeleteWorkspace,
+                    request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UndeleteWorkspaceRequest.FromString,
+                    response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UndeleteWorkspaceResponse.SerializeToString,
+            ),
+            'LookupMembership': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupMembership,
+                    request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.LookupMembershipRequest.FromString,
+                    response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.LookupMembershipResponse.SerializeToString,
+            ),
+            'ListMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMembers,
+                    request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListMembersRequest.FromString,
+                    response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListMembersResponse.SerializeToString,
+            ),
+            'UpdateMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateMember,
+                    request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UpdateMemberRequest.FromString,
+                    response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UpdateMemberResponse.SerializeToString,
+            ),
+            'RemoveMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveMember,
+                    request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.RemoveMemberRequest.FromString,
+                    response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.RemoveMemberResponse.SerializeToString,
+            ),
+            'LeaveWorkspace': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaveWorkspace,
+                    request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.LeaveWorkspaceRequest.FromString,
+                    response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.LeaveWorkspaceResponse.SerializeToString,
+            ),
+            'TransferOwnership': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferOwnership,
+                    request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.TransferOwnershipRequest.FromString,
+                    response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.TransferOwnershipResponse.SerializeToString,
+            ),
+            'CreateInvitation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateInvitation,
+                    request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.CreateInvitationRequest.FromString,
+                    response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.CreateInvitationResponse.SerializeToString,
+            ),
+            'ListInvitations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInvitations,
+                    request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListInvitationsRequest.FromString,
+                    response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListInvitationsResponse.SerializeToString,
+            ),
+            'RevokeInvitation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeInvitation,
+                    request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.RevokeInvitationRequest.FromString,
+                    response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.RevokeInvitationResponse.SerializeToString,
+            ),
+            'AcceptInvitation': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptInvitation,
+                    request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.AcceptInvitationRequest.FromString,
+                    response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.AcceptInvitationResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +440,384 @@ class TenancyService:
             '/tessera.tenancy.v1.TenancyService/ListWorkspaces',
             tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListWorkspacesRequest.SerializeToString,
             tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListWorkspacesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.tenancy.v1.TenancyService/UpdateWorkspace',
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UpdateWorkspaceRequest.SerializeToString,
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UpdateWorkspaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.tenancy.v1.TenancyService/DeleteWorkspace',
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.DeleteWorkspaceRequest.SerializeToString,
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.DeleteWorkspaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndeleteWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.tenancy.v1.TenancyService/UndeleteWorkspace',
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UndeleteWorkspaceRequest.SerializeToString,
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UndeleteWorkspaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupMembership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.tenancy.v1.TenancyService/LookupMembership',
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.LookupMembershipRequest.SerializeToString,
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.LookupMembershipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.tenancy.v1.TenancyService/ListMembers',
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListMembersRequest.SerializeToString,
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.tenancy.v1.TenancyService/UpdateMember',
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UpdateMemberRequest.SerializeToString,
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.UpdateMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.tenancy.v1.TenancyService/RemoveMember',
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.RemoveMemberRequest.SerializeToString,
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.RemoveMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaveWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.tenancy.v1.TenancyService/LeaveWorkspace',
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.LeaveWorkspaceRequest.SerializeToString,
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.LeaveWorkspaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferOwnership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.tenancy.v1.TenancyService/TransferOwnership',
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.TransferOwnershipRequest.SerializeToString,
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.TransferOwnershipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateInvitation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.tenancy.v1.TenancyService/CreateInvitation',
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.CreateInvitationRequest.SerializeToString,
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.CreateInvitationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInvitations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.tenancy.v1.TenancyService/ListInvitations',
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListInvitationsRequest.SerializeToString,
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListInvitationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeInvitation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.tenancy.v1.TenancyService/RevokeInvitation',
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.RevokeInvitationRequest.SerializeToString,
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.RevokeInvitationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptInvitation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.tenancy.v1.TenancyService/AcceptInvitation',
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.AcceptInvitationRequest.SerializeToString,
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.AcceptInvitationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.tenancy.v1.TenancyService/ListAuditEvents',
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListAuditEventsRequest.SerializeToString,
+            tessera_dot_tenancy_dot_v1_dot_tenancy__service__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
