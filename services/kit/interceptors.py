@@ -7,8 +7,17 @@ the chain. Per RPC, in order:
 
 1. request id: the caller's `x-request-id` (if well formed) or a new one, echoed in the trailing metadata
    (a handler that sets trailing metadata itself should include it);
-2. principal: built from the metadata according to `settings.auth` (the health and reflection
-   services are public and get none);
+2. authentication and authorization, by the method's `(tessera.common.v1.auth)` rule (read from its
+   descriptor once, when the method is first called; no rule or an unusable one fails closed with
+   PERMISSION_DENIED `NO_AUTH_RULE`). PUBLIC methods need no token (a valid one still yields a
+   principal); USER methods need a valid access token (`authorization: Bearer <jwt>`, verified
+   locally, then checked against the revocation list); WORKSPACE methods need a workspace-scoped token
+   whose role grants the declared permission. Missing, malformed, expired, forged or revoked tokens are
+   UNAUTHENTICATED; a known caller without the permission is PERMISSION_DENIED (`WORKSPACE_TOKEN_REQUIRED`
+   or `MISSING_PERMISSION` with the permission in the metadata). With `TESSERA_AUTH=disabled` the caller
+   is taken from `x-tessera-dev-*` metadata instead of a token; permissions still apply. The health and
+   reflection services are public and get no principal. The caller's token, request id and deadline are
+   kept for outgoing calls (`services.kit.client`);
 3. validation: `protovalidate` rules of the request message; violations become INVALID_ARGUMENT
    with one `BadRequest.FieldViolation` each;
 4. the handler;
@@ -28,23 +37,49 @@ import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection
 from contextvars import ContextVar
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 import protovalidate
 import structlog
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, descriptor_pool, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from services.kit.authz import PUBLIC, ROLES, WORKSPACE, auth_rule_for, permissions_for, rule_problem
 from services.kit.context import new_request_id, request_id_var, subject_var, tenant_id_var
-from services.kit.errors import ERROR_DOMAIN, AppError, FieldViolation, Internal, InvalidArgument, Unauthenticated
+from services.kit.errors import (
+    ERROR_DOMAIN,
+    AppError,
+    FieldViolation,
+    Internal,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+)
 from services.kit.observability import RPC_DURATION, RPC_REQUESTS, rpc_var
-from services.kit.principal import DEVELOPMENT_USER_HEADER, DEVELOPMENT_USER_ID, Principal
+from services.kit.principal import (
+    DEVELOPMENT_ROLE_HEADER,
+    DEVELOPMENT_USER_HEADER,
+    DEVELOPMENT_USER_ID,
+    DEVELOPMENT_WORKSPACE_HEADER,
+    Principal,
+)
 from services.kit.settings import KitSettings
+from services.kit.tokens import TOKEN_INVALID, AccessClaims, TokenVerifier
 
 REQUEST_ID_HEADER = "x-request-id"
+AUTHORIZATION_HEADER = "authorization"
+
+# ErrorInfo reasons of the auth checks (UNAUTHENTICATED: TOKEN_EXPIRED / TOKEN_INVALID from the verifier).
+# (S105: error reasons, not secrets.)
+TOKEN_REQUIRED = "UNAUTHENTICATED"  # noqa: S105
+TOKEN_REVOKED = "TOKEN_REVOKED"  # noqa: S105
+NO_AUTH_RULE = "NO_AUTH_RULE"
+WORKSPACE_TOKEN_REQUIRED = "WORKSPACE_TOKEN_REQUIRED"  # noqa: S105
+MISSING_PERMISSION = "MISSING_PERMISSION"
 
 # Services that answer without a principal: probes and tooling must work before and without auth.
 PUBLIC_SERVICES: frozenset[str] = frozenset(
@@ -59,9 +94,32 @@ _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 _OK = grpc.StatusCode.OK
 _log = structlog.get_logger("tessera.rpc")
 
+_ROLES = frozenset(ROLES)
+_MAX_CACHED_PRINCIPALS = 10_000
+
 _principal_var: ContextVar[Principal | None] = ContextVar("tessera_principal", default=None)
 
 Behavior = Callable[[Any, Any], Any]
+# The caller's authorization header and x-tessera-dev-user / -workspace / -role metadata.
+_Credentials = tuple[str | None, str | None, str | None, str | None]
+
+
+class RevocationCheck(Protocol):
+    """What the interceptor asks after a token verified (services.kit.revocation.RevocationList)."""
+
+    def revoked_reason(self, claims: AccessClaims) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingCall:
+    """What an outgoing call inherits from the RPC being served: credentials, request id and deadline."""
+
+    authorization: str | None
+    request_id: str
+    deadline: float | None  # time.monotonic() by which the caller stops waiting; None: no deadline
+
+
+_call_var: ContextVar[IncomingCall | None] = ContextVar("tessera_incoming_call", default=None)
 
 
 def current_principal() -> Principal:
@@ -70,6 +128,16 @@ def current_principal() -> Principal:
     if principal is None:
         raise Unauthenticated("no authenticated principal")
     return principal
+
+
+def current_principal_or_none() -> Principal | None:
+    """The caller of the RPC being served, or None (a PUBLIC method called without a valid token)."""
+    return _principal_var.get()
+
+
+def current_call() -> IncomingCall | None:
+    """The RPC being served (None outside an RPC)."""
+    return _call_var.get()
 
 
 def violation_path(violation: protovalidate.Violation) -> str:
@@ -133,9 +201,9 @@ class _Unimplemented(AppError):
 
 
 class _Method:
-    """What the interceptor knows about one RPC method, computed once."""
+    """What the interceptor knows about one RPC method, computed once: its auth rule and its metrics."""
 
-    __slots__ = ("counters", "duration", "full_name", "method", "public", "service")
+    __slots__ = ("counters", "duration", "full_name", "level", "method", "permission", "problem", "public", "service")
 
     def __init__(self, full_name: str, public_services: Collection[str]) -> None:
         self.full_name = full_name
@@ -143,6 +211,20 @@ class _Method:
         self.public = self.service in public_services
         self.duration = RPC_DURATION.labels(self.service, self.method)
         self.counters: dict[grpc.StatusCode, Any] = {}
+        self.level = 0
+        self.permission = ""
+        self.problem: str | None = None
+        if not self.public:
+            try:
+                descriptor = descriptor_pool.Default().FindMethodByName(f"{self.service}.{self.method}")
+            except KeyError:
+                rule = None
+            else:
+                rule = auth_rule_for(descriptor)
+            self.problem = rule_problem(rule)
+            if rule is not None and self.problem is None:
+                self.level = rule.level
+                self.permission = rule.permission
 
     def record(self, code: grpc.StatusCode, seconds: float) -> None:
         self.duration.observe(seconds)
@@ -160,13 +242,19 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc 
         service: str,
         settings: KitSettings,
         *,
+        verifier: TokenVerifier | None = None,
+        revocations: RevocationCheck | None = None,
         public_services: Collection[str] = PUBLIC_SERVICES,
     ) -> None:
         self.service = service
-        self.enforced = settings.auth != "development"
+        self.enforced = settings.auth != "disabled"
+        if self.enforced and verifier is None:
+            raise ValueError("enforced auth needs a token verifier")
+        self.verifier = verifier
+        self.revocations = revocations
         self.public_services = frozenset(public_services)
         self._handlers: dict[str, Any] = {}
-        self._development_principal = Principal(subject=DEVELOPMENT_USER_ID)
+        self._principals: dict[str, Principal] = {}  # token id -> principal of a verified token
 
     async def intercept_service(
         self,
@@ -216,10 +304,10 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc 
     ) -> Callable[[Any, Any], Awaitable[Any]]:
         async def rpc(request: Any, context: Any) -> Any:
             started = time.perf_counter()
-            request_id, development_user = self._begin(method, context)
+            request_id, credentials = self._begin(method, context)
             code = _OK
             try:
-                request = self._admit(method, development_user, request, streaming_request)
+                request = await self._admit(method, credentials, request, streaming_request)
                 response = await behavior(request, context)
                 code = context.code() or _OK
                 return response
@@ -246,10 +334,10 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc 
     ) -> Callable[[Any, Any], AsyncIterator[Any]]:
         async def rpc(request: Any, context: Any) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            request_id, development_user = self._begin(method, context)
+            request_id, credentials = self._begin(method, context)
             code = _OK
             try:
-                request = self._admit(method, development_user, request, streaming_request)
+                request = await self._admit(method, credentials, request, streaming_request)
                 async for response in behavior(request, context):
                     yield response
                 code = context.code() or _OK
@@ -273,47 +361,107 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc 
 
     # -- per RPC -----------------------------------------------------------------------------------
 
-    def _begin(self, method: _Method, context: Any) -> tuple[str, str | None]:
-        """Set the ambient request data and echo the request id; returns it and the development user header."""
-        request_id = development_user = None
+    def _begin(self, method: _Method, context: Any) -> tuple[str, _Credentials]:
+        """Set the ambient request data and echo the request id; returns it and the caller's credentials."""
+        request_id = authorization = dev_user = dev_workspace = dev_role = None
         for key, value in context.invocation_metadata() or ():
             if key == REQUEST_ID_HEADER:
                 if _REQUEST_ID_PATTERN.fullmatch(value):
                     request_id = value
+            elif key == AUTHORIZATION_HEADER:
+                authorization = value
             elif key == DEVELOPMENT_USER_HEADER:
-                development_user = value
+                dev_user = value
+            elif key == DEVELOPMENT_WORKSPACE_HEADER:
+                dev_workspace = value
+            elif key == DEVELOPMENT_ROLE_HEADER:
+                dev_role = value
         if request_id is None:
             request_id = new_request_id()
         request_id_var.set(request_id)
         rpc_var.set((self.service, method.full_name))
         # Echoed in the trailing metadata: sending initial metadata early costs a separate write per RPC.
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
-        return request_id, development_user
+        if not method.public:
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            _call_var.set(IncomingCall(authorization, request_id, deadline))
+        return request_id, (authorization, dev_user, dev_workspace, dev_role)
 
-    def _admit(self, method: _Method, development_user: str | None, request: Any, streaming_request: bool) -> Any:
-        """Resolve the principal and validate the request (a request stream is validated message by message)."""
+    async def _admit(self, method: _Method, credentials: _Credentials, request: Any, streaming_request: bool) -> Any:
+        """Authenticate and authorize the caller, then validate the request (a stream message by message)."""
         if method.public:
             return request
-        principal = self._principal(development_user)
+        principal = await self._authorize(method, credentials)
         _principal_var.set(principal)
-        subject_var.set(principal.subject)
-        if principal.tenant_id is not None:
+        if principal is not None:
+            subject_var.set(principal.subject)
             tenant_id_var.set(principal.tenant_id)
         if streaming_request:
             return _validated_stream(request)
         validate_request(request)
         return request
 
-    def _principal(self, development_user: str | None) -> Principal:
-        if self.enforced:
-            # Token verification arrives with the identity service (issue 3); until then nobody is authenticated.
-            raise Unauthenticated("bearer token required")
-        if development_user is not None:
+    async def _authorize(self, method: _Method, credentials: _Credentials) -> Principal | None:
+        """The principal the method's rule admits; Unauthenticated or PermissionDenied otherwise."""
+        if method.problem is not None:
+            raise PermissionDenied(f"{method.full_name} {method.problem}: calls are refused", reason=NO_AUTH_RULE)
+        if method.level == PUBLIC:
             try:
-                return Principal(subject=str(uuid.UUID(development_user)))
-            except ValueError:
-                raise Unauthenticated(f"{DEVELOPMENT_USER_HEADER} must be a user id (a UUID)") from None
-        return self._development_principal
+                return await self._principal(credentials, optional=True)
+            except Unauthenticated:
+                return None  # a public method does not need the caller; a bad token is ignored
+        principal = await self._principal(credentials, optional=False)
+        assert principal is not None
+        if method.level == WORKSPACE:
+            permission = method.permission
+            if principal.tenant_id is None:
+                raise PermissionDenied(
+                    f"{method.method} needs a workspace token",
+                    reason=WORKSPACE_TOKEN_REQUIRED,
+                    metadata={"permission": permission},
+                )
+            if permission not in principal.scopes:
+                raise PermissionDenied(
+                    f"role {principal.role} lacks permission {permission}",
+                    reason=MISSING_PERMISSION,
+                    metadata={"permission": permission, "role": principal.role or ""},
+                )
+        return principal
+
+    async def _principal(self, credentials: _Credentials, *, optional: bool) -> Principal | None:
+        authorization, dev_user, dev_workspace, dev_role = credentials
+        if not self.enforced:
+            if optional and dev_user is None:
+                return None
+            return _development_principal(dev_user, dev_workspace, dev_role)
+        if authorization is None:
+            if optional:
+                return None
+            raise Unauthenticated("bearer token required", reason=TOKEN_REQUIRED)
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("authorization metadata must be 'Bearer <token>'", reason=TOKEN_INVALID)
+        assert self.verifier is not None
+        claims = await self.verifier.verify(token)
+        if self.revocations is not None:
+            revoked = self.revocations.revoked_reason(claims)
+            if revoked is not None:
+                raise Unauthenticated(f"access token revoked: {revoked}", reason=TOKEN_REVOKED)
+        principal = self._principals.get(claims.token_id)
+        if principal is None:
+            if len(self._principals) >= _MAX_CACHED_PRINCIPALS:
+                self._principals.clear()
+            principal = self._principals[claims.token_id] = Principal(
+                subject=claims.subject,
+                tenant_id=claims.workspace_id,
+                role=claims.role,
+                scopes=permissions_for(claims.role),
+                session_id=claims.session_id,
+                kind=claims.kind,
+            )
+        return principal
 
     def _status_for_exception(self, exc: Exception, request_id: str) -> grpc.Status:
         """The status an exception leaves the process as; unexpected ones are logged with their traceback."""
@@ -333,6 +481,25 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc 
             _log.debug("rpc", code=code.name, duration_ms=round(elapsed * 1000, 3))
         else:
             _log.info("rpc", code=code.name, duration_ms=round(elapsed * 1000, 3))
+
+
+def _development_principal(user: str | None, workspace: str | None, role: str | None) -> Principal:
+    """The caller named by x-tessera-dev-* metadata (disabled auth mode only)."""
+    try:
+        subject = str(uuid.UUID(user)) if user is not None else DEVELOPMENT_USER_ID
+    except ValueError:
+        raise Unauthenticated(f"{DEVELOPMENT_USER_HEADER} must be a user id (a UUID)") from None
+    if workspace is None and role is None:
+        return Principal(subject=subject)
+    if workspace is None or role is None:
+        raise Unauthenticated(f"{DEVELOPMENT_WORKSPACE_HEADER} and {DEVELOPMENT_ROLE_HEADER} come together")
+    try:
+        tenant_id = str(uuid.UUID(workspace))
+    except ValueError:
+        raise Unauthenticated(f"{DEVELOPMENT_WORKSPACE_HEADER} must be a workspace id (a UUID)") from None
+    if role not in _ROLES:
+        raise Unauthenticated(f"{DEVELOPMENT_ROLE_HEADER} must be one of {', '.join(ROLES)}")
+    return Principal(subject=subject, tenant_id=tenant_id, role=role, scopes=permissions_for(role))
 
 
 def _as_coroutine(behavior: Behavior) -> Callable[[Any, Any], Awaitable[Any]]:

@@ -1,7 +1,9 @@
 """The grpc.aio server of one service process: bootstrap, health, reflection, graceful shutdown.
 
 `ServiceRuntime` owns the server, the health servicer, the background services (outbox relay,
-consumers) and the database engine; `run_service` is the process entry point every
+consumers, the revocation list) and the database engine; with TESSERA_AUTH=enforced it verifies
+tokens with the given verifier or, by default, with the identity service's JWKS
+(TESSERA_IDENTITY_ADDRESS); `run_service` is the process entry point every
 `services/<domain>/main.py` calls.
 
 Shutdown order: every health status becomes NOT_SERVING (and stays so), an optional drain pause lets
@@ -24,10 +26,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
+from services.kit.client import close_channels
 from services.kit.db import Database
 from services.kit.interceptors import KitInterceptor
 from services.kit.observability import configure_logging, configure_tracing, set_service_name, start_metrics_server
+from services.kit.revocation import RevocationList
 from services.kit.settings import KitSettings, SettingsError, load_settings
+from services.kit.tokens import GrpcJwksProvider, TokenVerifier
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -77,16 +82,31 @@ class ServiceRuntime:
         database: Database | None = None,
         background: Sequence[BackgroundService] = (),
         drain_seconds: float | None = None,
+        verifier: TokenVerifier | None = None,
+        revocations: RevocationList | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
         self.bindings = tuple(bindings)
         self.database = database
+        # The revocation list starts after the other background services (the broker it reads from).
+        if revocations is not None and revocations not in background:
+            background = (*background, revocations)
         self.background = tuple(background)
         # Pause between NOT_SERVING and refusing new RPCs (TESSERA_SHUTDOWN_DRAIN_SECONDS unless given).
         self.drain_seconds = drain_seconds if drain_seconds is not None else settings.shutdown_drain_seconds
         self.health = health.aio.HealthServicer()
-        self.interceptor = KitInterceptor(name, settings)
+        self._jwks: GrpcJwksProvider | None = None
+        if settings.auth == "enforced" and verifier is None:
+            if settings.identity_address is None:
+                raise SettingsError(
+                    "invalid configuration:\n  TESSERA_IDENTITY_ADDRESS: is required when TESSERA_AUTH=enforced"
+                )
+            self._jwks = GrpcJwksProvider(settings.identity_address)
+            verifier = TokenVerifier(self._jwks, issuer=settings.token_issuer, audience=settings.token_audience)
+        self.verifier = verifier
+        self.revocations = revocations
+        self.interceptor = KitInterceptor(name, settings, verifier=verifier, revocations=revocations)
         self._server: Any = None
         self._port: int | None = None
         self._started_background: list[BackgroundService] = []
@@ -165,6 +185,8 @@ class ServiceRuntime:
             self._started_background.clear()
             if self.database is not None:
                 await self.database.dispose()
+            if self._jwks is not None:
+                await self._jwks.close()
         finally:
             self._closed.set()
 
@@ -204,6 +226,9 @@ async def _serve(build: Callable[[S], Awaitable[ServiceRuntime]], settings: S) -
         loop.add_signal_handler(sig, stop_requested.set)
     try:
         runtime = await build(settings)
+    except SettingsError as exc:
+        print(f"{type(settings).__name__}: {exc}", file=sys.stderr)
+        return 2
     except Exception:
         _log.exception("service failed to build")
         return 1
@@ -237,6 +262,7 @@ async def _serve(build: Callable[[S], Awaitable[ServiceRuntime]], settings: S) -
     requested.cancel()
     _log.info("service stopping", grace_seconds=settings.shutdown_grace_seconds)
     await runtime.stop()
+    await close_channels()
     closed.cancel()
     if tracer_provider is not None:
         tracer_provider.shutdown()

@@ -31,10 +31,16 @@ class KitSettings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Prometheus /metrics; unset: off")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
-    auth: Literal["development", "enforced"] = Field(
+    auth: Literal["enforced", "disabled"] = Field(
         default="enforced",
-        description="'development' accepts a development principal; never use it where auth matters",
+        description="'enforced' verifies bearer tokens; 'disabled' trusts x-tessera-dev-* metadata (not in production)",
     )
+    identity_address: str | None = Field(
+        default=None,
+        description="host:port of the identity gRPC service (its JWKS); required when TESSERA_AUTH=enforced",
+    )
+    token_issuer: str = Field(default="tessera", min_length=1, description="the `iss` access tokens must carry")
+    token_audience: str = Field(default="tessera", min_length=1, description="the `aud` access tokens must carry")
     environment: Literal["local", "test", "production"] = "local"
     shutdown_grace_seconds: float = Field(default=10.0, gt=0, description="in-flight RPCs get this long to finish")
     shutdown_drain_seconds: float = Field(
@@ -59,10 +65,27 @@ class KitSettings(BaseSettings):
                 raise ValueError("must be nats:// or tls:// URLs, comma separated")
         return value
 
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _renamed_auth_mode(cls, value: Any) -> Any:
+        if value == "development":
+            raise ValueError("'development' is no longer an auth mode: use 'enforced' (the default) or 'disabled'")
+        return value
+
+    @field_validator("identity_address")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port")
+        return value
+
     @model_validator(mode="after")
-    def _no_development_auth_in_production(self) -> KitSettings:
-        if self.environment == "production" and self.auth == "development":
-            raise ValueError("TESSERA_AUTH=development is refused when TESSERA_ENVIRONMENT=production")
+    def _no_disabled_auth_in_production(self) -> KitSettings:
+        if self.environment == "production" and self.auth == "disabled":
+            raise ValueError("TESSERA_AUTH=disabled is refused when TESSERA_ENVIRONMENT=production")
         return self
 
 
@@ -70,8 +93,9 @@ S = TypeVar("S", bound=BaseSettings)
 
 
 def _describe(settings_cls: type[BaseSettings], loc: tuple[int | str, ...], problem: str) -> str:
+    problem = problem.removeprefix("Value error, ")
     if not loc:  # a cross-field rule: its message names the variables itself
-        return f"  {problem.removeprefix('Value error, ')}"
+        return f"  {problem}"
     prefix = str(settings_cls.model_config.get("env_prefix", ""))
     return f"  {(prefix + str(loc[0])).upper()}: {problem}"
 

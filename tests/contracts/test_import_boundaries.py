@@ -21,14 +21,17 @@ pytestmark = pytest.mark.gate("S01")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = str(Path(sys.executable).parent / "lint-imports")
 
-# A minimal tree that keeps every contract: a service on top of the kit, and the CLI package.
+# A minimal tree that keeps every contract: each real service package on top of the kit, and the CLI.
+SERVICE_PACKAGES = sorted(
+    path.parent.name for path in (REPO_ROOT / "services").glob("*/__init__.py") if path.parent.name != "kit"
+)
 CLEAN_TREE = {
     "services/__init__.py": "",
     "services/kit/__init__.py": "",
     "services/kit/runtime.py": '"""Shared runtime."""\n',
-    "services/tenancy/__init__.py": "",
-    "services/tenancy/service.py": "from services.kit import runtime\n",
     "tessera_cli/__init__.py": "",
+    **{f"services/{name}/__init__.py": "" for name in SERVICE_PACKAGES},
+    **{f"services/{name}/service.py": "from services.kit import runtime\n" for name in SERVICE_PACKAGES},
 }
 
 

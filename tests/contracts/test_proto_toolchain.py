@@ -23,7 +23,7 @@ pytestmark = pytest.mark.gate("S01")
 
 # Edits that break the released contracts; each must match the source exactly once.
 DELETE_FIELD = ("  string creator = 4 [(google.api.field_behavior) = OUTPUT_ONLY];\n", "")
-RENUMBER_FIELD = ("  string display_name = 2 [", "  string display_name = 7 [")
+RENUMBER_FIELD = ("  string display_name = 2 [", "  string display_name = 99 [")
 WORKSPACE_PROTO = "tessera/tenancy/v1/tenancy.proto"
 
 
@@ -208,7 +208,7 @@ class TestRelease:
 
     def test_release_refuses_a_breaking_change_unless_allowed(self, baseline: Path, proto_copy: Path) -> None:
         # A baseline with a field that the current contracts no longer have.
-        edit(proto_copy / WORKSPACE_PROTO, ("  string creator = 4 [", "  string legacy = 9;\n  string creator = 4 ["))
+        edit(proto_copy / WORKSPACE_PROTO, ("  string creator = 4 [", "  string legacy = 98;\n  string creator = 4 ["))
         toolchain.release_baseline(baseline, proto_copy)
         frozen = baseline.read_bytes()
 

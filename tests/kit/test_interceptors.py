@@ -20,18 +20,27 @@ from prometheus_client import REGISTRY
 from services.kit.errors import ERROR_DOMAIN, Unauthenticated
 from services.kit.interceptors import current_principal, violation_path
 from services.kit.observability import start_metrics_server
-from services.kit.principal import DEVELOPMENT_USER_HEADER, DEVELOPMENT_USER_ID
+from services.kit.principal import (
+    DEVELOPMENT_ROLE_HEADER,
+    DEVELOPMENT_USER_HEADER,
+    DEVELOPMENT_USER_ID,
+    DEVELOPMENT_WORKSPACE_HEADER,
+)
 from services.kit.server import ServiceRuntime
 from tessera.tenancy.v1 import tenancy_pb2, tenancy_service_pb2, tenancy_service_pb2_grpc
+from tests.auth_helpers import TestKeys
 from tests.kit.fake_service import SECRET_DETAIL, SERVICE, WATCH_METHOD, FakeTenancy, fake_binding, kit_settings
 
 pytestmark = pytest.mark.gate("S01")
 
+# Disabled auth mode: a caller acting as viewer in some workspace.
+DEV_VIEWER = ((DEVELOPMENT_WORKSPACE_HEADER, str(uuid.uuid4())), (DEVELOPMENT_ROLE_HEADER, "viewer"))
+
 
 @pytest.fixture(scope="module")
 async def dev_channel() -> AsyncIterator[grpc.aio.Channel]:
-    """A channel to a runtime in development auth mode."""
-    rt = ServiceRuntime(name="fake", settings=kit_settings(auth="development"), bindings=[fake_binding(FakeTenancy())])
+    """A channel to a runtime in disabled auth mode (the caller comes from x-tessera-dev-* metadata)."""
+    rt = ServiceRuntime(name="fake", settings=kit_settings(auth="disabled"), bindings=[fake_binding(FakeTenancy())])
     port = await rt.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -43,8 +52,13 @@ async def dev_channel() -> AsyncIterator[grpc.aio.Channel]:
 
 @pytest.fixture(scope="module")
 async def enforced_channel() -> AsyncIterator[grpc.aio.Channel]:
-    """A channel to a runtime in enforced auth mode (no token verifier yet: nothing authenticates)."""
-    rt = ServiceRuntime(name="fake", settings=kit_settings(auth="enforced"), bindings=[fake_binding(FakeTenancy())])
+    """A channel to a runtime in enforced auth mode (verifying with a key no test signs with)."""
+    rt = ServiceRuntime(
+        name="fake",
+        settings=kit_settings(auth="enforced"),
+        bindings=[fake_binding(FakeTenancy())],
+        verifier=TestKeys().verifier,
+    )
     port = await rt.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -225,7 +239,7 @@ async def test_request_id_is_echoed_or_generated(dev_channel: grpc.aio.Channel) 
     stub = tenancy_service_pb2_grpc.TenancyServiceStub(dev_channel)
     call = stub.GetWorkspace(
         tenancy_service_pb2.GetWorkspaceRequest(name=f"workspaces/{uuid.uuid4()}"),
-        metadata=(("x-request-id", "client-chosen-42"),),
+        metadata=(("x-request-id", "client-chosen-42"), *DEV_VIEWER),
     )
     await call
     assert dict(await call.trailing_metadata())["x-request-id"] == "client-chosen-42"
@@ -233,7 +247,8 @@ async def test_request_id_is_echoed_or_generated(dev_channel: grpc.aio.Channel) 
     generated = []
     for metadata in ((), (("x-request-id", "has spaces and $ymbols"),)):
         call = stub.GetWorkspace(
-            tenancy_service_pb2.GetWorkspaceRequest(name=f"workspaces/{uuid.uuid4()}"), metadata=metadata
+            tenancy_service_pb2.GetWorkspaceRequest(name=f"workspaces/{uuid.uuid4()}"),
+            metadata=(*metadata, *DEV_VIEWER),
         )
         await call
         generated.append(dict(await call.trailing_metadata())["x-request-id"])
@@ -273,7 +288,7 @@ async def test_metrics_count_each_rpc_with_its_code(dev_channel: grpc.aio.Channe
 # -- principal ------------------------------------------------------------------------------------
 
 
-async def test_development_mode_uses_the_header_uuid_or_the_development_user(dev_channel: grpc.aio.Channel) -> None:
+async def test_disabled_mode_uses_the_header_uuid_or_the_development_user(dev_channel: grpc.aio.Channel) -> None:
     stub = tenancy_service_pb2_grpc.TenancyServiceStub(dev_channel)
     user = str(uuid.uuid4())
     response = await stub.CreateWorkspace(create_request("Acme"), metadata=((DEVELOPMENT_USER_HEADER, user.upper()),))

@@ -188,7 +188,7 @@ def _service_env(**extra: str) -> dict[str, str]:
     env.update(
         TESSERA_DATABASE_URL="postgresql://tessera@127.0.0.1:1/unused",
         TESSERA_NATS_URL="nats://127.0.0.1:1",
-        TESSERA_AUTH="development",
+        TESSERA_AUTH="disabled",
         TESSERA_ENVIRONMENT="test",
         TESSERA_GRPC_PORT="0",
         TESSERA_LOG_LEVEL="INFO",

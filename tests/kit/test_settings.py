@@ -67,15 +67,51 @@ def test_invalid_variable_is_named(clean_env: pytest.MonkeyPatch, variable: str,
     assert [line.split(":")[0].strip() for line in lines] == [variable]
 
 
-def test_development_auth_is_refused_in_production(clean_env: pytest.MonkeyPatch) -> None:
+def test_disabled_auth_is_refused_in_production(clean_env: pytest.MonkeyPatch) -> None:
     for key, value in VALID.items():
         clean_env.setenv(key, value)
     clean_env.setenv("TESSERA_ENVIRONMENT", "production")
-    clean_env.setenv("TESSERA_AUTH", "development")
-    with pytest.raises(SettingsError, match="TESSERA_AUTH=development is refused when TESSERA_ENVIRONMENT=production"):
+    clean_env.setenv("TESSERA_AUTH", "disabled")
+    with pytest.raises(SettingsError, match="TESSERA_AUTH=disabled is refused when TESSERA_ENVIRONMENT=production"):
         load_settings(KitSettings)
     clean_env.setenv("TESSERA_AUTH", "enforced")
     assert load_settings(KitSettings).environment == "production"
+
+
+@pytest.mark.gate("S02")
+@pytest.mark.parametrize("environment", ["local", "test", "production"])
+def test_the_old_development_auth_mode_is_rejected_naming_the_allowed_values(
+    clean_env: pytest.MonkeyPatch, environment: str
+) -> None:
+    for key, value in VALID.items():
+        clean_env.setenv(key, value)
+    clean_env.setenv("TESSERA_ENVIRONMENT", environment)
+    clean_env.setenv("TESSERA_AUTH", "development")
+    with pytest.raises(SettingsError) as failure:
+        load_settings(KitSettings)
+    [line] = str(failure.value).splitlines()[1:]
+    assert line.strip().startswith("TESSERA_AUTH:")
+    assert "'enforced'" in line
+    assert "'disabled'" in line
+
+
+@pytest.mark.gate("S02")
+def test_auth_settings_default_to_enforced_with_the_tessera_issuer(clean_env: pytest.MonkeyPatch) -> None:
+    for key, value in VALID.items():
+        clean_env.setenv(key, value)
+    clean_env.setenv("TESSERA_IDENTITY_ADDRESS", "127.0.0.1:50052")
+    settings = load_settings(KitSettings)
+    assert (settings.auth, settings.identity_address) == ("enforced", "127.0.0.1:50052")
+    assert (settings.token_issuer, settings.token_audience) == ("tessera", "tessera")
+
+
+@pytest.mark.parametrize("address", ["localhost", "localhost:", ":50052", "localhost:99999", "host:port"])
+def test_identity_address_must_be_host_and_port(clean_env: pytest.MonkeyPatch, address: str) -> None:
+    for key, value in VALID.items():
+        clean_env.setenv(key, value)
+    clean_env.setenv("TESSERA_IDENTITY_ADDRESS", address)
+    with pytest.raises(SettingsError, match="TESSERA_IDENTITY_ADDRESS: must be host:port"):
+        load_settings(KitSettings)
 
 
 def _run_service(env_overrides: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -100,10 +136,18 @@ def test_run_service_with_missing_variable_exits_2_naming_it() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_run_service_refuses_development_auth_in_production() -> None:
-    result = _run_service({**VALID, "TESSERA_ENVIRONMENT": "production", "TESSERA_AUTH": "development"})
+def test_run_service_refuses_disabled_auth_in_production() -> None:
+    result = _run_service({**VALID, "TESSERA_ENVIRONMENT": "production", "TESSERA_AUTH": "disabled"})
     assert result.returncode == 2
-    assert "TESSERA_AUTH=development is refused" in result.stderr
+    assert "TESSERA_AUTH=disabled is refused" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.gate("S02")
+def test_run_service_with_enforced_auth_needs_the_identity_address() -> None:
+    result = _run_service(VALID)  # TESSERA_AUTH unset: enforced
+    assert result.returncode == 2
+    assert "TESSERA_IDENTITY_ADDRESS: is required when TESSERA_AUTH=enforced" in result.stderr
     assert "Traceback" not in result.stderr
 
 
