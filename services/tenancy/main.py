@@ -7,7 +7,9 @@ from services.kit.consumer import EventConsumer
 from services.kit.db import Database
 from services.kit.paging import PageTokenCodec
 from services.kit.relay import OutboxRelay
+from services.kit.revocation import RevocationList
 from services.kit.server import ServiceRuntime, run_service
+from services.kit.tokens import TokenVerifier
 from services.tenancy.consumers import provisioner
 from services.tenancy.models import SCHEMA, SERVICE
 from services.tenancy.service import TenancyService
@@ -15,8 +17,12 @@ from services.tenancy.servicer import TenancyServicer, binding
 from services.tenancy.settings import TenancySettings
 
 
-async def build(settings: TenancySettings) -> ServiceRuntime:
-    """Wire database, broker, relay, provisioner and servicer into one runtime (not started)."""
+async def build(settings: TenancySettings, *, verifier: TokenVerifier | None = None) -> ServiceRuntime:
+    """Wire database, broker, relay, provisioner, revocation list and servicer into one runtime (not started).
+
+    With TESSERA_AUTH=enforced, tokens are verified with `verifier` or, by default, against the identity
+    service's JWKS (TESSERA_IDENTITY_ADDRESS).
+    """
     database = Database(settings.database_url, service=SERVICE, schema=SCHEMA, pool_size=settings.db_pool_size)
     broker = Broker(settings.nats_url, name=f"tessera-{SERVICE}")
     try:
@@ -26,18 +32,29 @@ async def build(settings: TenancySettings) -> ServiceRuntime:
         await broker.close()
         await database.dispose()
         raise
-    service = TenancyService(page_tokens=PageTokenCodec(settings.page_token_key()))
-    return ServiceRuntime(
-        name=SERVICE,
-        settings=settings,
-        bindings=[binding(TenancyServicer(database, service))],
-        database=database,
-        background=[
-            broker,  # first: it closes after the relay has flushed and the consumer drained
-            OutboxRelay(database, broker, poll_seconds=settings.outbox_poll_seconds),
-            EventConsumer(provisioner(service), database, broker),
-        ],
+    service = TenancyService(
+        page_tokens=PageTokenCodec(settings.page_token_key()),
+        invitation_ttl=settings.invitation_ttl,
+        restore_window=settings.workspace_restore_window,
     )
+    try:
+        return ServiceRuntime(
+            name=SERVICE,
+            settings=settings,
+            bindings=[binding(TenancyServicer(database, service))],
+            database=database,
+            background=[
+                broker,  # first: it closes after the relay has flushed and the consumer drained
+                OutboxRelay(database, broker, poll_seconds=settings.outbox_poll_seconds),
+                EventConsumer(provisioner(service), database, broker),
+            ],
+            verifier=verifier,
+            revocations=RevocationList(broker),
+        )
+    except BaseException:
+        await broker.close()
+        await database.dispose()
+        raise
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
@@ -20,6 +21,17 @@ class TenancySettings(KitSettings):
     page_token_secret: SecretStr | None = Field(
         default=None,
         description="HMAC key signing ListWorkspaces page tokens; required (>= 32 bytes) in production",
+    )
+
+    invitation_ttl: timedelta = Field(
+        default=timedelta(days=7),
+        gt=timedelta(0),
+        description="how long an invitation token stays valid (ISO 8601 duration like P7D, or seconds)",
+    )
+    workspace_restore_window: timedelta = Field(
+        default=timedelta(days=30),
+        ge=timedelta(0),
+        description="how long a soft-deleted workspace can be restored (ISO 8601 duration like P30D, or seconds)",
     )
 
     @model_validator(mode="after")

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import asyncpg
 import pytest
 
 from migrations import runner
+from services.kit.db import Database
 from services.kit.ids import uuid7
+from services.kit.principal import Principal
+from services.tenancy.repository import (
+    AuditRepository,
+    InvitationRepository,
+    MemberRepository,
+    WorkspaceRepository,
+)
 
 pytestmark = pytest.mark.gate("S03")
 
@@ -36,7 +45,8 @@ async def test_every_tenant_table_has_forced_rls_and_a_tenant_policy(admin_conn:
         """
     )
     covered = {f"{t['schema']}.{t['table']}" for t in tables}
-    assert "tenancy.workspaces" in covered  # the check really sees the service tables
+    # The check really sees the service tables.
+    assert {"tenancy.workspaces", "tenancy.members", "tenancy.invitations", "tenancy.audit_log"} <= covered
 
     offenders = [
         f"{t['schema']}.{t['table']} (enabled={t['enabled']}, forced={t['forced']}, policies={t['tenant_policies']})"
@@ -139,14 +149,35 @@ async def tenancy_conn(tenancy_url: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-async def _insert_as_admin(admin: asyncpg.Connection, *, creator: uuid.UUID) -> uuid.UUID:
+TENANT_TABLES = ("workspaces", "members", "invitations", "audit_log")
+
+
+async def _tenant_as_admin(admin: asyncpg.Connection, *, owner: uuid.UUID | None = None) -> uuid.UUID:
+    """A workspace with one row in every tenant table (inserted as superuser, which bypasses RLS)."""
     workspace_id = uuid7()
+    owner = owner or uuid7()
     await admin.execute(
         "INSERT INTO tenancy.workspaces (tenant_id, id, display_name, state, creator) "
         "VALUES ($1, $1, $2, 'ACTIVE', $3)",
         workspace_id,
         f"ws {workspace_id}",
-        creator,
+        owner,
+    )
+    await admin.execute(
+        "INSERT INTO tenancy.members (tenant_id, user_id, role) VALUES ($1, $2, 'owner')", workspace_id, owner
+    )
+    await admin.execute(
+        "INSERT INTO tenancy.invitations (tenant_id, id, email, role, state, token_hash, inviter, expire_time) "
+        "VALUES ($1, $2, 'x@example.com', 'member', 'PENDING', $3, $4, now() + interval '1 day')",
+        workspace_id,
+        uuid7(),
+        uuid.uuid4().bytes * 2,
+        f"users/{owner}",
+    )
+    await admin.execute(
+        "INSERT INTO tenancy.audit_log (tenant_id, id, action, actor, target) VALUES ($1, $2, 'test', 'users/x', 'y')",
+        workspace_id,
+        uuid7(),
     )
     return workspace_id
 
@@ -159,33 +190,46 @@ async def _set_context(conn: asyncpg.Connection, *, tenant: uuid.UUID | None, su
     )
 
 
+async def _execute_as(
+    conn: asyncpg.Connection, statement: str, *args: object, tenant: uuid.UUID | None, subject: uuid.UUID | None
+) -> str:
+    """One statement in its own transaction with the given RLS context; returns the command status."""
+    async with conn.transaction():
+        await _set_context(conn, tenant=tenant, subject=subject)
+        return await conn.execute(statement, *args)  # type: ignore[no-any-return]  # asyncpg is untyped
+
+
+@pytest.mark.parametrize("table", TENANT_TABLES)
 async def test_rls_hides_and_protects_other_tenants_rows(
-    admin_conn: asyncpg.Connection, tenancy_conn: asyncpg.Connection
+    admin_conn: asyncpg.Connection, tenancy_conn: asyncpg.Connection, table: str
 ) -> None:
-    tenant_a = await _insert_as_admin(admin_conn, creator=uuid7())
-    tenant_b = await _insert_as_admin(admin_conn, creator=uuid7())
+    tenant_a = await _tenant_as_admin(admin_conn)
+    tenant_b = await _tenant_as_admin(admin_conn)
     outsider = uuid7()
 
     async with tenancy_conn.transaction():
         await _set_context(tenancy_conn, tenant=tenant_a, subject=outsider)
-        visible = await tenancy_conn.fetch("SELECT id FROM tenancy.workspaces")
-        of_b = await tenancy_conn.fetch("SELECT id FROM tenancy.workspaces WHERE tenant_id = $1", tenant_b)
-        updated = await tenancy_conn.execute(
-            "UPDATE tenancy.workspaces SET display_name = 'pwned' WHERE id = $1", tenant_b
-        )
-        deleted = await tenancy_conn.execute("DELETE FROM tenancy.workspaces WHERE id = $1", tenant_b)
+        visible = await tenancy_conn.fetch(f"SELECT DISTINCT tenant_id FROM tenancy.{table}")
+        of_b = await tenancy_conn.fetch(f"SELECT * FROM tenancy.{table} WHERE tenant_id = $1", tenant_b)
+        if table != "audit_log":  # append-only: the service role may not UPDATE it at all
+            updated = await tenancy_conn.execute(
+                f"UPDATE tenancy.{table} SET tenant_id = tenant_id WHERE tenant_id = $1", tenant_b
+            )
+            assert updated == "UPDATE 0"
+        if table == "members":  # the only tenant table the service role may DELETE from
+            deleted = await tenancy_conn.execute("DELETE FROM tenancy.members WHERE tenant_id = $1", tenant_b)
+            assert deleted == "DELETE 0"
 
-    assert [row["id"] for row in visible] == [tenant_a]
+    assert [row["tenant_id"] for row in visible] == [tenant_a]
     assert of_b == []
-    assert (updated, deleted) == ("UPDATE 0", "DELETE 0")
-    assert await admin_conn.fetchval("SELECT display_name FROM tenancy.workspaces WHERE id = $1", tenant_b) != "pwned"
+    assert await admin_conn.fetchval(f"SELECT count(*) FROM tenancy.{table} WHERE tenant_id = $1", tenant_b) == 1
 
 
-async def test_rls_rejects_writing_a_row_into_another_tenant(
+async def test_rls_rejects_writing_rows_into_another_tenant(
     admin_conn: asyncpg.Connection, tenancy_conn: asyncpg.Connection
 ) -> None:
-    tenant_a = await _insert_as_admin(admin_conn, creator=uuid7())
-    tenant_b = uuid7()
+    tenant_a = await _tenant_as_admin(admin_conn)
+    tenant_b = await _tenant_as_admin(admin_conn)
     outsider = uuid7()
 
     async def as_tenant_a(statement: str, *args: object) -> None:
@@ -193,50 +237,147 @@ async def test_rls_rejects_writing_a_row_into_another_tenant(
             await _set_context(tenancy_conn, tenant=tenant_a, subject=outsider)
             await tenancy_conn.execute(statement, *args)
 
-    insert = (
-        "INSERT INTO tenancy.workspaces (tenant_id, id, display_name, state, creator) "
-        "VALUES ($1, $1, 'intruder', 'ACTIVE', $2)"
-    )
-    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
-        await as_tenant_a(insert, tenant_b, uuid7())
-    move = "UPDATE tenancy.workspaces SET tenant_id = $2, id = $2 WHERE id = $1"
-    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
-        await as_tenant_a(move, tenant_a, tenant_b)
-    assert await admin_conn.fetchval("SELECT count(*) FROM tenancy.workspaces WHERE id = $1", tenant_b) == 0
+    writes = [
+        (
+            "INSERT INTO tenancy.workspaces (tenant_id, id, display_name, state, creator) "
+            "VALUES ($1, $1, 'intruder', 'ACTIVE', $2)",
+            (uuid7(), outsider),
+        ),
+        ("UPDATE tenancy.workspaces SET tenant_id = $2, id = $2 WHERE id = $1", (tenant_a, uuid7())),
+        ("INSERT INTO tenancy.members (tenant_id, user_id, role) VALUES ($1, $2, 'owner')", (tenant_b, outsider)),
+        ("UPDATE tenancy.members SET tenant_id = $2 WHERE tenant_id = $1", (tenant_a, tenant_b)),
+        (
+            "INSERT INTO tenancy.invitations (tenant_id, id, email, role, state, token_hash, inviter, expire_time) "
+            "VALUES ($1, $2, 'x@example.com', 'admin', 'PENDING', $3, 'users/x', now() + interval '1 day')",
+            (tenant_b, uuid7(), uuid.uuid4().bytes * 2),
+        ),
+        ("UPDATE tenancy.invitations SET tenant_id = $2 WHERE tenant_id = $1", (tenant_a, tenant_b)),
+        (
+            "INSERT INTO tenancy.audit_log (tenant_id, id, action, actor, target) VALUES ($1, $2, 'x', 'y', 'z')",
+            (tenant_b, uuid7()),
+        ),
+    ]
+    for statement, args in writes:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+            await as_tenant_a(statement, *args)
+    for table in TENANT_TABLES:
+        count = await admin_conn.fetchval(f"SELECT count(*) FROM tenancy.{table} WHERE tenant_id = $1", tenant_b)
+        assert count == 1, table
+
+
+async def test_service_role_cannot_hard_delete_workspaces_or_rewrite_the_audit_log(
+    admin_conn: asyncpg.Connection, tenancy_conn: asyncpg.Connection
+) -> None:
+    tenant = await _tenant_as_admin(admin_conn)
+    for statement in (
+        "DELETE FROM tenancy.workspaces WHERE id = $1",
+        "DELETE FROM tenancy.audit_log WHERE tenant_id = $1",
+        "UPDATE tenancy.audit_log SET action = 'forged' WHERE tenant_id = $1",
+        "DELETE FROM tenancy.invitations WHERE tenant_id = $1",
+    ):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            await _execute_as(tenancy_conn, statement, tenant, tenant=tenant, subject=None)
 
 
 async def test_no_tenant_and_no_subject_sees_nothing(
     admin_conn: asyncpg.Connection, tenancy_conn: asyncpg.Connection
 ) -> None:
-    await _insert_as_admin(admin_conn, creator=uuid7())
+    await _tenant_as_admin(admin_conn)
 
-    async with tenancy_conn.transaction():
-        await _set_context(tenancy_conn, tenant=None, subject=None)
-        with_empty_settings = await tenancy_conn.fetchval("SELECT count(*) FROM tenancy.workspaces")
-    never_set = await tenancy_conn.fetchval("SELECT count(*) FROM tenancy.workspaces")
+    for table in TENANT_TABLES:
+        async with tenancy_conn.transaction():
+            await _set_context(tenancy_conn, tenant=None, subject=None)
+            with_empty_settings = await tenancy_conn.fetchval(f"SELECT count(*) FROM tenancy.{table}")
+        never_set = await tenancy_conn.fetchval(f"SELECT count(*) FROM tenancy.{table}")
+        assert (with_empty_settings, never_set) == (0, 0), table
+        assert await admin_conn.fetchval(f"SELECT count(*) FROM tenancy.{table}") > 0
 
-    assert with_empty_settings == 0
-    assert never_set == 0
-    assert await admin_conn.fetchval("SELECT count(*) FROM tenancy.workspaces") > 0
 
-
-async def test_creator_clause_shows_only_the_subjects_own_workspaces(
+async def test_a_user_sees_own_memberships_and_their_workspaces_but_writes_nothing_without_a_tenant(
     admin_conn: asyncpg.Connection, tenancy_conn: asyncpg.Connection
 ) -> None:
     user = uuid7()
-    own = {await _insert_as_admin(admin_conn, creator=user) for _ in range(2)}
-    await _insert_as_admin(admin_conn, creator=uuid7())
+    own = {await _tenant_as_admin(admin_conn, owner=user) for _ in range(2)}
+    created_then_left = await _tenant_as_admin(admin_conn, owner=user)
+    await admin_conn.execute("DELETE FROM tenancy.members WHERE tenant_id = $1", created_then_left)
+    await _tenant_as_admin(admin_conn)  # someone else's
 
     async with tenancy_conn.transaction():
         await _set_context(tenancy_conn, tenant=None, subject=user)
-        visible = {row["id"] for row in await tenancy_conn.fetch("SELECT id FROM tenancy.workspaces")}
+        workspaces = {row["id"] for row in await tenancy_conn.fetch("SELECT id FROM tenancy.workspaces")}
+        memberships = {row["tenant_id"] for row in await tenancy_conn.fetch("SELECT tenant_id FROM tenancy.members")}
+        invitations = await tenancy_conn.fetchval("SELECT count(*) FROM tenancy.invitations")
+        audit = await tenancy_conn.fetchval("SELECT count(*) FROM tenancy.audit_log")
 
-    assert visible == own
+    # Membership, not creation, decides: the workspace the user created and left is gone from view.
+    assert workspaces == memberships == own
+    assert (invitations, audit) == (0, 0)
+    # Reading is all a user-level context may do: writes need the tenant.
+    # Own memberships are visible for SELECT only: UPDATE and DELETE do not even see them.
+    for statement, status in (
+        ("DELETE FROM tenancy.members WHERE user_id = $1", "DELETE 0"),
+        ("UPDATE tenancy.members SET role = 'viewer' WHERE user_id = $1", "UPDATE 0"),
+    ):
+        assert await _execute_as(tenancy_conn, statement, user, tenant=None, subject=user) == status
+    for statement, args in (
+        ("UPDATE tenancy.workspaces SET display_name = 'x' WHERE id = ANY($1)", (list(own),)),
+        ("INSERT INTO tenancy.members (tenant_id, user_id, role) VALUES ($1, $2, 'owner')", (created_then_left, user)),
+    ):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+            await _execute_as(tenancy_conn, statement, *args, tenant=None, subject=user)
+
+
+async def test_repositories_under_a_foreign_tenant_read_nothing_and_write_nothing(
+    admin_conn: asyncpg.Connection, tenancy_db: Database
+) -> None:
+    """The service-layer check bypassed: repositories called directly, in tenant A's unit of work, about B."""
+    tenant_a = await _tenant_as_admin(admin_conn)
+    owner_b = uuid7()
+    tenant_b = await _tenant_as_admin(admin_conn, owner=owner_b)
+    caller = Principal(subject=str(uuid7()), tenant_id=str(tenant_a), role="owner")
+
+    async with tenancy_db.unit_of_work(caller) as uow:
+        assert await WorkspaceRepository(uow).get_live(workspace_id=tenant_b) is None
+        assert await WorkspaceRepository(uow).lock(workspace_id=tenant_b) is None
+        assert (
+            await WorkspaceRepository(uow).soft_delete(workspace_id=tenant_b, restore_window=timedelta(days=1)) is None
+        )
+        assert await MemberRepository(uow).page(workspace_id=tenant_b, after=None, limit=10) == []
+        assert await MemberRepository(uow).get(workspace_id=tenant_b, user_id=owner_b) is None
+        assert await MemberRepository(uow).count_owners(workspace_id=tenant_b) == 0
+        assert await MemberRepository(uow).delete(workspace_id=tenant_b, user_id=owner_b) is None
+        assert await InvitationRepository(uow).page(workspace_id=tenant_b, after=None, limit=10) == []
+        assert await AuditRepository(uow).page(workspace_id=tenant_b, after=None, limit=10) == []
+
+    writes = [
+        lambda uow: MemberRepository(uow).insert(workspace_id=tenant_b, user_id=uuid7(), role="owner"),
+        lambda uow: InvitationRepository(uow).insert(
+            workspace_id=tenant_b,
+            email="x@example.com",
+            role="admin",
+            token_hash=bytes(32),
+            inviter="users/x",
+            ttl=timedelta(days=1),
+        ),
+        lambda uow: AuditRepository(uow).record(
+            workspace_id=tenant_b, action="forged", actor="users/x", target="y", before=None, after=None, request_id=""
+        ),
+    ]
+    for write in writes:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
+            async with tenancy_db.unit_of_work(caller) as uow:
+                await write(uow)
+
+    for table in TENANT_TABLES:
+        count = await admin_conn.fetchval(f"SELECT count(*) FROM tenancy.{table} WHERE tenant_id = $1", tenant_b)
+        assert count == 1, table
+    assert await admin_conn.fetchval("SELECT purge_time FROM tenancy.workspaces WHERE id = $1", tenant_b) is None
 
 
 async def test_service_role_cannot_switch_off_rls_or_become_the_owner(tenancy_conn: asyncpg.Connection) -> None:
-    with pytest.raises(asyncpg.InsufficientPrivilegeError):
-        await tenancy_conn.execute("ALTER TABLE tenancy.workspaces DISABLE ROW LEVEL SECURITY")
+    for table in TENANT_TABLES:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await tenancy_conn.execute(f"ALTER TABLE tenancy.{table} DISABLE ROW LEVEL SECURITY")
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await tenancy_conn.execute(f"SET ROLE {runner.OWNER_ROLE}")
     with pytest.raises(asyncpg.InsufficientPrivilegeError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from services.kit.settings import SettingsError, load_settings
@@ -17,6 +19,8 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TESSERA_PAGE_TOKEN_SECRET", raising=False)
     monkeypatch.delenv("TESSERA_ENVIRONMENT", raising=False)
     monkeypatch.delenv("TESSERA_AUTH", raising=False)
+    monkeypatch.delenv("TESSERA_INVITATION_TTL", raising=False)
+    monkeypatch.delenv("TESSERA_WORKSPACE_RESTORE_WINDOW", raising=False)
 
 
 def test_development_default_secret_outside_production() -> None:
@@ -43,3 +47,23 @@ def test_production_secret_from_the_environment_is_used_and_not_shown(monkeypatc
     settings = load_settings(TenancySettings, **BASE, environment="production")
     assert settings.page_token_key() == secret.encode()
     assert secret not in repr(settings)
+
+
+def test_invitation_ttl_and_restore_window_defaults_and_iso_durations(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = load_settings(TenancySettings, **BASE)
+    assert (defaults.invitation_ttl, defaults.workspace_restore_window) == (timedelta(days=7), timedelta(days=30))
+
+    monkeypatch.setenv("TESSERA_INVITATION_TTL", "PT48H")
+    monkeypatch.setenv("TESSERA_WORKSPACE_RESTORE_WINDOW", "P90D")
+    configured = load_settings(TenancySettings, **BASE)
+    assert (configured.invitation_ttl, configured.workspace_restore_window) == (timedelta(hours=48), timedelta(days=90))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("TESSERA_INVITATION_TTL", "0"), ("TESSERA_INVITATION_TTL", "soon"), ("TESSERA_WORKSPACE_RESTORE_WINDOW", "-1")],
+)
+def test_bad_durations_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=variable):
+        load_settings(TenancySettings, **BASE)
