@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from services.kit.db import with_user
 
-SERVICES: tuple[str, ...] = ("tenancy",)
+SERVICES: tuple[str, ...] = ("tenancy", "identity")
 OWNER_ROLE = "tessera_owner"
 META_SCHEMA = "tessera_meta"
 VERSION_TABLE = "alembic_version"
