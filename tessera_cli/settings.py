@@ -45,8 +45,6 @@ class CliSettings(BaseSettings):
     gateway_port: PortNumber = Field(default=GATEWAY_DEFAULT_PORT, description="reserved for the REST gateway")
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    # No identity service yet, so the local stack accepts the development principal; issue 3 flips this.
-    auth: Literal["development", "enforced"] = "development"
     startup_timeout_seconds: float = Field(default=90.0, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
 

@@ -74,7 +74,14 @@ class GatewaySpec:
 
 
 # Adding a service to the local stack (and to `tessera doctor`) is one line here.
+# Identity comes first: every other service fetches its token-verification keys (JWKS) from it.
 SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec(
+        name="identity",
+        module="services.identity.main",
+        default_port=50052,
+        grpc_service="tessera.identity.v1.IdentityService",
+    ),
     ServiceSpec(
         name="tenancy",
         module="services.tenancy.main",
@@ -563,13 +570,18 @@ class Stack:
             TESSERA_NATS_URL=self._nats_url,
             TESSERA_GRPC_HOST=SERVICE_HOST,
             TESSERA_GRPC_PORT=str(port),
-            TESSERA_AUTH=self.settings.auth,
             TESSERA_ENVIRONMENT="local",
             TESSERA_LOG_FORMAT=self.settings.log_format,
             TESSERA_LOG_LEVEL=self.settings.log_level,
             TESSERA_SHUTDOWN_GRACE_SECONDS=str(self.settings.shutdown_grace_seconds),
             PYTHONUNBUFFERED="1",
         )
+        # Every service learns every other's address (TESSERA_IDENTITY_ADDRESS for the token keys,
+        # TESSERA_TENANCY_ADDRESS for identity's membership lookups, ...); settings ignore the rest.
+        for other in SERVICES:
+            env[f"TESSERA_{other.name.upper()}_ADDRESS"] = (
+                f"{SERVICE_HOST}:{self.settings.port_for(other.name, other.default_port)}"
+            )
         return env
 
     def _start_services(self) -> None:

@@ -25,6 +25,7 @@ def test_doctor_names_an_unreachable_nats_and_still_checks_the_database(run_cli:
         TESSERA_DATABASE_URL=admin_url,
         TESSERA_NATS_URL=f"nats://127.0.0.1:{closed}",
         TESSERA_TENANCY_PORT=str(free_port()),
+        TESSERA_IDENTITY_PORT=str(free_port()),
     )
     assert result.returncode == 1, result.stdout + result.stderr
     report = findings(result.stdout)
@@ -32,7 +33,7 @@ def test_doctor_names_an_unreachable_nats_and_still_checks_the_database(run_cli:
     assert status == "✗ problem"
     assert f"nats://127.0.0.1:{closed}" in detail
     assert "unreachable" in detail
-    assert "not ready: 2 problem(s): nats reachable, tenancy health" in result.stdout
+    assert "not ready: 3 problem(s): nats reachable, identity health, tenancy health" in result.stdout
     # Each component is checked on its own: the database part is fine and reported as such.
     assert report[("database", "reachable")][0] == "✓ ok"
     assert report[("database", "migrations")][0] == "✓ ok"
@@ -40,7 +41,9 @@ def test_doctor_names_an_unreachable_nats_and_still_checks_the_database(run_cli:
         "✓ ok",
         "login, no superuser, no BYPASSRLS, owns nothing",
     )
+    assert report[("database", "role tessera_identity")][0] == "✓ ok"
     assert report[("tenancy", "health")][0] == "✗ problem"  # nothing listens on the tenancy port
+    assert report[("identity", "health")][0] == "✗ problem"
     assert "Traceback" not in result.stdout + result.stderr
 
 

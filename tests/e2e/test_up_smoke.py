@@ -18,6 +18,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tessera.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
 from tessera.tenancy.v1 import tenancy_pb2, tenancy_service_pb2, tenancy_service_pb2_grpc
 from tessera_cli.embedded import free_port
 from tessera_cli.stack import SERVICES, STACK_FILE
@@ -124,16 +125,42 @@ async def test_up_serves_every_service_and_stops_without_leftovers(tmp_path: Pat
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         assert "everything is ready" in doctor.stdout
 
-        # A real request through the whole path: interceptors, unit of work under RLS, PostgreSQL.
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['tenancy']}") as channel:
-            stub = tenancy_service_pb2_grpc.TenancyServiceStub(channel)
-            created = await stub.CreateWorkspace(
+        # A real request through the whole path, with real auth: sign up and in at identity, create
+        # a workspace, exchange the session for a workspace token (identity asks tenancy for the
+        # membership), and read the workspace with it under RLS.
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{ports['identity']}") as identity_channel,
+            grpc.aio.insecure_channel(f"127.0.0.1:{ports['tenancy']}") as tenancy_channel,
+        ):
+            identity = identity_service_pb2_grpc.IdentityServiceStub(identity_channel)
+            tenancy = tenancy_service_pb2_grpc.TenancyServiceStub(tenancy_channel)
+            email, password = "first.user@example.com", "smoke staple horse battery 7"  # test credentials
+            await identity.SignUp(
+                identity_service_pb2.SignUpRequest(email=email, password=password, display_name="Smoke"), timeout=10
+            )
+            signed_in = await identity.SignIn(
+                identity_service_pb2.SignInRequest(email=email, password=password), timeout=10
+            )
+            user = (("authorization", f"Bearer {signed_in.tokens.access_token}"),)
+            created = await tenancy.CreateWorkspace(
                 tenancy_service_pb2.CreateWorkspaceRequest(workspace=tenancy_pb2.Workspace(display_name="Smoke test")),
+                metadata=user,
                 timeout=10,
             )
-            fetched = await stub.GetWorkspace(
-                tenancy_service_pb2.GetWorkspaceRequest(name=created.workspace.name), timeout=10
+            exchanged = await identity.IssueWorkspaceToken(
+                identity_service_pb2.IssueWorkspaceTokenRequest(workspace=created.workspace.name),
+                metadata=user,
+                timeout=10,
             )
+            assert exchanged.role == "owner"
+            fetched = await tenancy.GetWorkspace(
+                tenancy_service_pb2.GetWorkspaceRequest(name=created.workspace.name),
+                metadata=(("authorization", f"Bearer {exchanged.tokens.access_token}"),),
+                timeout=10,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+                await tenancy.GetWorkspace(tenancy_service_pb2.GetWorkspaceRequest(name=created.workspace.name))
+            assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert fetched.workspace.name == created.workspace.name
         assert fetched.workspace.display_name == "Smoke test"
 
