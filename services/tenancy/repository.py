@@ -287,11 +287,19 @@ _INSERT_MEMBER = Query(
 )
 _GET_MEMBER = Query(sa.select(*_MEMBER_COLUMNS).where(_MEMBER_KEY))
 _LOCK_MEMBER = Query(sa.select(*_MEMBER_COLUMNS).where(_MEMBER_KEY).with_for_update())
-# The caller's own membership of a live workspace (a user-level transaction: RLS shows own memberships).
-_OWN_LIVE_MEMBERSHIP = Query(
+# The caller's own usable membership (a user-level transaction: RLS shows own memberships): of a live
+# workspace, or, for its owners only, of a soft-deleted one still inside its restore window, so that
+# an owner can get a workspace token to undelete it.
+_OWN_USABLE_MEMBERSHIP = Query(
     sa.select(*_MEMBER_COLUMNS)
     .select_from(members.join(workspaces, workspaces.c.id == members.c.tenant_id))
-    .where(_MEMBER_KEY, workspaces.c.delete_time.is_(None))
+    .where(
+        _MEMBER_KEY,
+        sa.or_(
+            workspaces.c.delete_time.is_(None),
+            sa.and_(members.c.role == "owner", workspaces.c.purge_time > sa.func.now()),
+        ),
+    )
 )
 _COUNT_OWNERS = Query(
     sa.select(sa.func.count()).where(members.c.tenant_id == sa.bindparam("tenant"), members.c.role == "owner")
@@ -336,9 +344,9 @@ class MemberRepository:
         row = await self.uow.fetchrow(_LOCK_MEMBER if lock else _GET_MEMBER, tenant=workspace_id, user=user_id)
         return _member(row) if row is not None else None
 
-    async def own_live_membership(self, *, workspace_id: uuid.UUID, user_id: uuid.UUID) -> Member | None:
-        """The user's membership of the workspace if it exists and the workspace is not deleted."""
-        row = await self.uow.fetchrow(_OWN_LIVE_MEMBERSHIP, tenant=workspace_id, user=user_id)
+    async def own_usable_membership(self, *, workspace_id: uuid.UUID, user_id: uuid.UUID) -> Member | None:
+        """The user's membership if the workspace is live, or deleted but restorable and the user an owner."""
+        row = await self.uow.fetchrow(_OWN_USABLE_MEMBERSHIP, tenant=workspace_id, user=user_id)
         return _member(row) if row is not None else None
 
     async def count_owners(self, *, workspace_id: uuid.UUID) -> int:

@@ -370,10 +370,14 @@ class TenancyService:
     # --- memberships ------------------------------------------------------------------------------------
 
     async def lookup_membership(self, uow: UnitOfWork, principal: Principal, *, workspace_id: uuid.UUID) -> Member:
-        """The caller's own membership of a live workspace (identity issues workspace tokens from it)."""
+        """The caller's own membership (identity issues workspace tokens from it).
+
+        A soft-deleted workspace still inside its restore window keeps its owners' memberships usable,
+        so an owner can get a token and call UndeleteWorkspace; every other RPC answers NOT_FOUND for it.
+        """
         if principal.kind != "user":  # an API key is nobody's member
             raise errors.workspace_not_found(workspace_id)
-        member = await MemberRepository(uow).own_live_membership(
+        member = await MemberRepository(uow).own_usable_membership(
             workspace_id=workspace_id, user_id=uuid.UUID(principal.subject)
         )
         if member is None:

@@ -431,9 +431,11 @@ class TestSoftDelete:
         assert deleted.purge_time - deleted.delete_time == timedelta(days=30)
         with pytest.raises(NotFound):
             await get(tenancy_db, tenancy_service, owner, workspace.id)
-        with pytest.raises(NotFound):
-            async with tenancy_db.unit_of_work(alice) as uow:
-                await tenancy_service.lookup_membership(uow, alice, workspace_id=workspace.id)
+        # The owner keeps a usable membership inside the restore window: identity can still issue the
+        # workspace token that UndeleteWorkspace needs once the token used to delete has expired.
+        async with tenancy_db.unit_of_work(alice) as uow:
+            kept = await tenancy_service.lookup_membership(uow, alice, workspace_id=workspace.id)
+        assert kept.role == OWNER
         with pytest.raises(NotFound):  # deleting twice
             async with tenancy_db.unit_of_work(owner) as uow:
                 await tenancy_service.delete_workspace(uow, owner, workspace_id=workspace.id)
@@ -449,6 +451,18 @@ class TestSoftDelete:
         assert payload.workspace.purge_time.ToDatetime(tzinfo=deleted.purge_time.tzinfo) == deleted.purge_time
         assert len(await outbox_envelopes(admin_conn, tenant=workspace.id, event_type=UNDELETED)) == 1
         assert (await audit_actions(admin_conn, workspace.id))[-2:] == ["workspace.deleted", "workspace.undeleted"]
+
+    async def test_a_deleted_workspace_is_not_found_for_members_who_are_not_owners(
+        self, tenancy_db: Database, tenancy_service: TenancyService, make_team: TeamFactory
+    ) -> None:
+        team = await make_team(ADMIN, MEMBER)
+        async with tenancy_db.unit_of_work(team.owner) as uow:
+            await tenancy_service.delete_workspace(uow, team.owner, workspace_id=team.workspace.id)
+        for role in (ADMIN, MEMBER):
+            user = Principal(subject=team.user(role).subject)  # user-level, as identity calls it
+            with pytest.raises(NotFound):
+                async with tenancy_db.unit_of_work(user) as uow:
+                    await tenancy_service.lookup_membership(uow, user, workspace_id=team.workspace.id)
 
     async def test_undelete_of_a_live_workspace_is_failed_precondition(
         self, tenancy_db: Database, tenancy_service: TenancyService, alice: Principal

@@ -181,8 +181,10 @@ class TenancyServiceServicer:
 
     def LookupMembership(self, request, context):
         """Returns the caller's own membership of a workspace (used to issue
-        workspace-scoped tokens). Errors: NOT_FOUND (not a member, or the
-        workspace is deleted).
+        workspace-scoped tokens). A soft-deleted workspace inside its restore
+        window keeps its owners' memberships, so an owner can restore it.
+        Errors: NOT_FOUND (not a member, the workspace is deleted and the caller
+        is not an owner, or its restore window has ended).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
