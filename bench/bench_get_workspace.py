@@ -1,10 +1,14 @@
-"""Benchmark: tenancy GetWorkspace over gRPC vs a raw asyncpg RLS transaction, in one run.
+"""Benchmark: tenancy GetWorkspace over gRPC, with and without auth, vs a raw asyncpg RLS transaction.
 
-What is compared
-- RPC: `tessera.tenancy.v1.TenancyService/GetWorkspace` served by the real service process
-  (`python -m services.tenancy.main`): full interceptor chain (OpenTelemetry, request id, principal,
-  protovalidate, error mapping, logging, metrics), a unit of work that sets the tenant
-  transaction-locally, and a primary-key SELECT under forced RLS, as the service login role.
+What is compared, in one run
+- RPC, auth enforced: `tessera.tenancy.v1.TenancyService/GetWorkspace` served by the real service
+  process (`python -m services.tenancy.main`) next to a real identity process: a real workspace
+  token (sign-up, sign-in, IssueWorkspaceToken) verified locally against identity's JWKS, revocation
+  check, role-matrix authorization, protovalidate, error mapping, logging, metrics, a unit of work that
+  sets the tenant transaction-locally, and a primary-key SELECT under forced RLS.
+- RPC, auth disabled: a second tenancy process on the same database with TESSERA_AUTH=disabled and
+  the same user, workspace and role given as development headers: the difference is what token
+  verification and authorization cost (issue 3 target: < 15% added latency at concurrency 64).
 - Raw: asyncpg, same login role, same database: BEGIN; set_config(tenant, subject); the same
   primary-key SELECT; COMMIT — the smallest honest version of what the RPC must do.
 
@@ -40,6 +44,7 @@ import asyncpg
 import grpc
 import psutil
 
+from tessera.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
 from tessera.tenancy.v1 import tenancy_pb2, tenancy_service_pb2, tenancy_service_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +54,9 @@ from migrations import runner  # noqa: E402
 from tessera_cli.embedded import EmbeddedNats, EmbeddedPostgres, free_port, wait_for_port  # noqa: E402
 
 METHOD = "/tessera.tenancy.v1.TenancyService/GetWorkspace"
-BENCH_USER = "0190a000-0000-7000-8000-0000000be0c4"
+AUTH_ON = "gRPC GetWorkspace (auth enforced)"
+AUTH_OFF = "gRPC GetWorkspace (auth disabled)"
+RAW = "raw asyncpg RLS transaction"
 
 
 @dataclass
@@ -60,6 +67,7 @@ class Result:
     seconds: float
     p50_ms: float
     p99_ms: float
+    mean_ms: float
     loadgen_cpu: float
     server_cpu: float | None = None
 
@@ -77,8 +85,18 @@ def grpc_frame(message: bytes) -> bytes:
     return struct.pack(">BI", 0, len(message)) + message
 
 
-def run_h2load(port: int, body: Path, concurrency: int, seconds: float, tmp: Path, service: psutil.Process) -> Result:
-    log = tmp / f"h2load-{concurrency}.log"
+def run_h2load(
+    label: str,
+    port: int,
+    headers: list[str],
+    body: Path,
+    concurrency: int,
+    seconds: float,
+    tmp: Path,
+    service: psutil.Process,
+) -> Result:
+    log = tmp / f"h2load-{label}-{concurrency}.log"
+    header_args = [arg for header in headers for arg in ("-H", header)]
     cmd = [
         "h2load",
         f"http://127.0.0.1:{port}{METHOD}",
@@ -97,8 +115,7 @@ def run_h2load(port: int, body: Path, concurrency: int, seconds: float, tmp: Pat
         "content-type: application/grpc",
         "-H",
         "te: trailers",
-        "-H",
-        f"x-tessera-dev-user: {BENCH_USER}",
+        *header_args,
         "--log-file",
         str(log),
     ]
@@ -129,12 +146,13 @@ def run_h2load(port: int, body: Path, concurrency: int, seconds: float, tmp: Pat
     if bad or not durations:
         raise SystemExit(f"h2load saw {bad} non-200 responses / {len(durations)} requests:\n{out}")
     return Result(
-        "gRPC GetWorkspace",
+        label,
         concurrency,
         len(durations),
         seconds,
         percentile(durations, 0.5),
         percentile(durations, 0.99),
+        sum(durations) / len(durations),
         cpu / seconds,
         service_cpu,
     )
@@ -147,7 +165,6 @@ def run_raw(url: str, ws: str, concurrency: int, seconds: float) -> Result:
             str(Path(__file__).with_name("raw_rls_select.py")),
             url,
             ws,
-            BENCH_USER,
             str(concurrency),
             str(seconds),
         ],
@@ -157,21 +174,71 @@ def run_raw(url: str, ws: str, concurrency: int, seconds: float) -> Result:
     ).stdout
     data = json.loads(out.strip().splitlines()[-1])
     return Result(
-        "raw asyncpg RLS transaction", concurrency, data["n"], data["seconds"], data["p50"], data["p99"], data["cpu"]
+        RAW,
+        concurrency,
+        data["n"],
+        data["seconds"],
+        data["p50"],
+        data["p99"],
+        data["mean"],
+        data["cpu"],
     )
 
 
-async def create_workspace(port: int) -> str:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = tenancy_service_pb2_grpc.TenancyServiceStub(channel)
-        md = (("x-tessera-dev-user", BENCH_USER),)
-        created = await stub.CreateWorkspace(
+@dataclass
+class Caller:
+    """A real user with a workspace: its workspace token, and the same identity as development headers."""
+
+    workspace: str
+    user_id: str
+    token: str
+
+    def bearer_headers(self) -> list[str]:
+        return [f"authorization: Bearer {self.token}"]
+
+    def development_headers(self) -> list[str]:
+        return [
+            f"x-tessera-dev-user: {self.user_id}",
+            f"x-tessera-dev-workspace: {self.workspace.split('/', 1)[1]}",
+            "x-tessera-dev-role: owner",
+        ]
+
+
+async def sign_up_with_workspace(identity_port: int, tenancy_port: int, open_port: int) -> Caller:
+    """Sign up and in, create a workspace, exchange for a workspace token; check both servers answer."""
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{identity_port}") as identity_channel,
+        grpc.aio.insecure_channel(f"127.0.0.1:{tenancy_port}") as tenancy_channel,
+        grpc.aio.insecure_channel(f"127.0.0.1:{open_port}") as open_channel,
+    ):
+        identity = identity_service_pb2_grpc.IdentityServiceStub(identity_channel)
+        tenancy = tenancy_service_pb2_grpc.TenancyServiceStub(tenancy_channel)
+        email, password = f"bench.{uuid.uuid4().hex[:8]}@example.com", "bench staple horse battery 9"
+        await identity.SignUp(identity_service_pb2.SignUpRequest(email=email, password=password, display_name="B"))
+        signed_in = await identity.SignIn(identity_service_pb2.SignInRequest(email=email, password=password))
+        user = (("authorization", f"Bearer {signed_in.tokens.access_token}"),)
+        created = await tenancy.CreateWorkspace(
             tenancy_service_pb2.CreateWorkspaceRequest(workspace=tenancy_pb2.Workspace(display_name="bench")),
-            metadata=md,
+            metadata=user,
         )
-        got = await stub.GetWorkspace(tenancy_service_pb2.GetWorkspaceRequest(name=created.workspace.name), metadata=md)
-        assert got.workspace.name == created.workspace.name
-        return created.workspace.name
+        issued = await identity.IssueWorkspaceToken(
+            identity_service_pb2.IssueWorkspaceTokenRequest(workspace=created.workspace.name), metadata=user
+        )
+        caller = Caller(created.workspace.name, signed_in.user.name.split("/", 1)[1], issued.tokens.access_token)
+        request = tenancy_service_pb2.GetWorkspaceRequest(name=caller.workspace)
+        bearer = tuple(tuple(h.split(": ", 1)) for h in caller.bearer_headers())
+        development = tuple(tuple(h.split(": ", 1)) for h in caller.development_headers())
+        got = await tenancy.GetWorkspace(request, metadata=bearer)
+        also = await tenancy_service_pb2_grpc.TenancyServiceStub(open_channel).GetWorkspace(
+            request, metadata=development
+        )
+        assert got.workspace.name == also.workspace.name == caller.workspace
+        return caller
+
+
+def start_service(module: str, env: dict[str, str], log_path: Path) -> psutil.Popen:
+    with log_path.open("wb") as log:
+        return psutil.Popen([sys.executable, "-m", module], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
 def main() -> None:
@@ -197,45 +264,64 @@ def main() -> None:
     dbname = f"tessera_bench_{uuid.uuid4().hex[:8]}"
     asyncio.run(_admin(server_url, f'CREATE DATABASE "{dbname}"'))
     admin = server_url.rsplit("/", 1)[0] + "/" + dbname
-    service = None
+    processes: dict[str, psutil.Popen] = {}
     try:
         runner.bootstrap(admin)
         runner.upgrade(admin, "head")
-        svc_url = runner.service_url(admin, "tenancy")
-        port = free_port()
-        env = {
+        ports = {"identity": free_port(), "tenancy": free_port(), "tenancy_open": free_port()}
+        common = {
             **os.environ,
-            "TESSERA_DATABASE_URL": svc_url,
             "TESSERA_NATS_URL": nats_url,
-            "TESSERA_GRPC_PORT": str(port),
-            "TESSERA_AUTH": "development",
             "TESSERA_LOG_LEVEL": "WARNING",
             "TESSERA_DB_POOL_SIZE": "20",
+            "TESSERA_IDENTITY_ADDRESS": f"127.0.0.1:{ports['identity']}",
+            "TESSERA_TENANCY_ADDRESS": f"127.0.0.1:{ports['tenancy']}",
         }
-        log = (tmp / "service.log").open("wb")
-        service = psutil.Popen(
-            [sys.executable, "-m", "services.tenancy.main"],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        if not wait_for_port("127.0.0.1", port, 30):
-            raise SystemExit((tmp / "service.log").read_text())
-        name = asyncio.run(create_workspace(port))
-        ws_id = name.split("/", 1)[1]
+        tenancy_url = runner.service_url(admin, "tenancy")
+        plan = {
+            "identity": ("services.identity.main", {"TESSERA_DATABASE_URL": runner.service_url(admin, "identity")}),
+            "tenancy": ("services.tenancy.main", {"TESSERA_DATABASE_URL": tenancy_url}),
+            # The same service with authentication and authorization switched off (development headers).
+            "tenancy_open": (
+                "services.tenancy.main",
+                {"TESSERA_DATABASE_URL": tenancy_url, "TESSERA_AUTH": "disabled"},
+            ),
+        }
+        for name, (module, env) in plan.items():
+            processes[name] = start_service(
+                module, {**common, **env, "TESSERA_GRPC_PORT": str(ports[name])}, tmp / f"{name}.log"
+            )
+            if not wait_for_port("127.0.0.1", ports[name], 30):
+                raise SystemExit((tmp / f"{name}.log").read_text())
+        caller = asyncio.run(sign_up_with_workspace(ports["identity"], ports["tenancy"], ports["tenancy_open"]))
+        ws_id = caller.workspace.split("/", 1)[1]
         body = tmp / "get.bin"
-        body.write_bytes(grpc_frame(tenancy_service_pb2.GetWorkspaceRequest(name=name).SerializeToString()))
+        body.write_bytes(grpc_frame(tenancy_service_pb2.GetWorkspaceRequest(name=caller.workspace).SerializeToString()))
         results: list[Result] = []
         for c in args.concurrency:
-            results.append(run_h2load(port, body, c, args.seconds, tmp, service))
-            results.append(run_raw(svc_url, ws_id, c, args.seconds))
+            results.append(
+                run_h2load(
+                    AUTH_ON, ports["tenancy"], caller.bearer_headers(), body, c, args.seconds, tmp, processes["tenancy"]
+                )
+            )
+            results.append(
+                run_h2load(
+                    AUTH_OFF,
+                    ports["tenancy_open"],
+                    caller.development_headers(),
+                    body,
+                    c,
+                    args.seconds,
+                    tmp,
+                    processes["tenancy_open"],
+                )
+            )
+            results.append(run_raw(tenancy_url, ws_id, c, args.seconds))
         print_report(results)
     finally:
-        if service is not None:
-            service.terminate()
-            service.wait(20)
+        for process in processes.values():
+            process.terminate()
+            process.wait(20)
         asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
         for s in servers:
             s.stop()
@@ -251,20 +337,25 @@ async def _admin(url: str, sql: str) -> None:
 
 def print_report(results: list[Result]) -> None:
     print(f"\nmachine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
-    print("| path | concurrency | requests/s | p50 ms | p99 ms | load generator CPU (cores) | service CPU (cores) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| path | concurrency | requests/s | p50 ms | p99 ms | mean ms | load generator CPU | service CPU |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         server = f"{r.server_cpu:.2f}" if r.server_cpu is not None else "—"
         print(
-            f"| {r.name} | {r.concurrency} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
+            f"| {r.name} | {r.concurrency} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.mean_ms:.2f} "
             f"| {r.loadgen_cpu:.2f} | {server} |"
         )
     by_c: dict[int, dict[str, Result]] = {}
     for r in results:
         by_c.setdefault(r.concurrency, {})[r.name] = r
     for c, pair in sorted(by_c.items()):
-        rpc, raw = pair["gRPC GetWorkspace"], pair["raw asyncpg RLS transaction"]
-        print(f"\nconcurrency {c}: RPC/raw throughput ratio {rpc.rps / raw.rps:.0%}; RPC p50 {rpc.p50_ms:.2f} ms")
+        rpc, open_rpc, raw = pair[AUTH_ON], pair[AUTH_OFF], pair[RAW]
+        print(
+            f"\nconcurrency {c}: RPC/raw throughput {rpc.rps / raw.rps:.0%}; RPC p50 {rpc.p50_ms:.2f} ms; "
+            f"auth adds {rpc.mean_ms / open_rpc.mean_ms - 1:+.1%} to mean latency, "
+            f"{rpc.p50_ms / open_rpc.p50_ms - 1:+.1%} to p50 "
+            f"(throughput {rpc.rps / open_rpc.rps:.0%} of auth disabled)"
+        )
 
 
 if __name__ == "__main__":
