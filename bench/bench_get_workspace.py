@@ -19,7 +19,8 @@ Load generator
   show only HTTP 200s. Install it with `apt-get install nghttp2-client`.
 - Raw: asyncpg tasks in a separate process.
 
-Usage: `python bench/bench_get_workspace.py [--seconds 10] [--concurrency 1 64]`.
+Usage: `python bench/bench_get_workspace.py [--seconds 6] [--rounds 3] [--concurrency 1 64]`; the three paths
+run in interleaved rounds and the report gives every segment and the medians.
 Uses TESSERA_DATABASE_URL / TESSERA_NATS_URL (superuser URL of a server) when set, embedded
 servers otherwise. Results are printed as a Markdown table for docs/performance.md.
 """
@@ -31,6 +32,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -44,14 +46,12 @@ import asyncpg
 import grpc
 import psutil
 
+from migrations import runner
 from tessera.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
 from tessera.tenancy.v1 import tenancy_pb2, tenancy_service_pb2, tenancy_service_pb2_grpc
+from tessera_cli.embedded import EmbeddedNats, EmbeddedPostgres, free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from migrations import runner  # noqa: E402
-from tessera_cli.embedded import EmbeddedNats, EmbeddedPostgres, free_port, wait_for_port  # noqa: E402
 
 METHOD = "/tessera.tenancy.v1.TenancyService/GetWorkspace"
 AUTH_ON = "gRPC GetWorkspace (auth enforced)"
@@ -95,7 +95,7 @@ def run_h2load(
     tmp: Path,
     service: psutil.Process,
 ) -> Result:
-    log = tmp / f"h2load-{label}-{concurrency}.log"
+    log = tmp / f"h2load-{uuid.uuid4().hex[:8]}.log"
     header_args = [arg for header in headers for arg in ("-H", header)]
     cmd = [
         "h2load",
@@ -128,7 +128,7 @@ def run_h2load(
             cpu = times.user + times.system
         except psutil.NoSuchProcess:
             break
-        time.sleep(0.2)
+        time.sleep(0.2)  # sampling h2load's CPU time while it runs (a script, not a test)
     service_after = service.cpu_times()
     service_cpu = (service_after.user + service_after.system - service_before.user - service_before.system) / (
         seconds + 2
@@ -243,7 +243,8 @@ def start_service(module: str, env: dict[str, str], log_path: Path) -> psutil.Po
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=6.0, help="length of one measured segment")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per concurrency (medians reported)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     args = parser.parse_args()
     if not shutil.which("h2load"):
@@ -299,24 +300,33 @@ def main() -> None:
         body.write_bytes(grpc_frame(tenancy_service_pb2.GetWorkspaceRequest(name=caller.workspace).SerializeToString()))
         results: list[Result] = []
         for c in args.concurrency:
-            results.append(
-                run_h2load(
-                    AUTH_ON, ports["tenancy"], caller.bearer_headers(), body, c, args.seconds, tmp, processes["tenancy"]
+            # Interleaved rounds: machine drift hits the three paths alike instead of one of them.
+            for _ in range(args.rounds):
+                results.append(
+                    run_h2load(
+                        AUTH_ON,
+                        ports["tenancy"],
+                        caller.bearer_headers(),
+                        body,
+                        c,
+                        args.seconds,
+                        tmp,
+                        processes["tenancy"],
+                    )
                 )
-            )
-            results.append(
-                run_h2load(
-                    AUTH_OFF,
-                    ports["tenancy_open"],
-                    caller.development_headers(),
-                    body,
-                    c,
-                    args.seconds,
-                    tmp,
-                    processes["tenancy_open"],
+                results.append(
+                    run_h2load(
+                        AUTH_OFF,
+                        ports["tenancy_open"],
+                        caller.development_headers(),
+                        body,
+                        c,
+                        args.seconds,
+                        tmp,
+                        processes["tenancy_open"],
+                    )
                 )
-            )
-            results.append(run_raw(tenancy_url, ws_id, c, args.seconds))
+                results.append(run_raw(tenancy_url, ws_id, c, args.seconds))
         print_report(results)
     finally:
         for process in processes.values():
@@ -336,7 +346,7 @@ async def _admin(url: str, sql: str) -> None:
 
 
 def print_report(results: list[Result]) -> None:
-    print(f"\nmachine: {os.cpu_count()} cores; python {sys.version.split()[0]}")
+    print(f"\nmachine: {os.cpu_count()} cores; python {sys.version.split()[0]}; every segment:")
     print("| path | concurrency | requests/s | p50 ms | p99 ms | mean ms | load generator CPU | service CPU |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -345,16 +355,26 @@ def print_report(results: list[Result]) -> None:
             f"| {r.name} | {r.concurrency} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.mean_ms:.2f} "
             f"| {r.loadgen_cpu:.2f} | {server} |"
         )
-    by_c: dict[int, dict[str, Result]] = {}
-    for r in results:
-        by_c.setdefault(r.concurrency, {})[r.name] = r
-    for c, pair in sorted(by_c.items()):
-        rpc, open_rpc, raw = pair[AUTH_ON], pair[AUTH_OFF], pair[RAW]
+    print("\nmedians over the rounds:")
+    print("| path | concurrency | requests/s | p50 ms | p99 ms | mean ms |")
+    print("|---|---|---|---|---|---|")
+    medians: dict[tuple[str, int], dict[str, float]] = {}
+    for key in sorted({(r.name, r.concurrency) for r in results}, key=lambda k: (k[1], k[0])):
+        rows = [r for r in results if (r.name, r.concurrency) == key]
+        m = {
+            "rps": statistics.median(r.rps for r in rows),
+            "p50": statistics.median(r.p50_ms for r in rows),
+            "p99": statistics.median(r.p99_ms for r in rows),
+            "mean": statistics.median(r.mean_ms for r in rows),
+        }
+        medians[key] = m
+        print(f"| {key[0]} | {key[1]} | {m['rps']:,.0f} | {m['p50']:.2f} | {m['p99']:.2f} | {m['mean']:.2f} |")
+    for c in sorted({r.concurrency for r in results}):
+        on, off, raw = medians[(AUTH_ON, c)], medians[(AUTH_OFF, c)], medians[(RAW, c)]
         print(
-            f"\nconcurrency {c}: RPC/raw throughput {rpc.rps / raw.rps:.0%}; RPC p50 {rpc.p50_ms:.2f} ms; "
-            f"auth adds {rpc.mean_ms / open_rpc.mean_ms - 1:+.1%} to mean latency, "
-            f"{rpc.p50_ms / open_rpc.p50_ms - 1:+.1%} to p50 "
-            f"(throughput {rpc.rps / open_rpc.rps:.0%} of auth disabled)"
+            f"\nconcurrency {c}: RPC/raw throughput {on['rps'] / raw['rps']:.0%}; RPC p50 {on['p50']:.2f} ms; "
+            f"auth adds {on['mean'] / off['mean'] - 1:+.1%} to mean latency, {on['p50'] / off['p50'] - 1:+.1%} to p50 "
+            f"(throughput {on['rps'] / off['rps']:.0%} of auth disabled)"
         )
 
 
