@@ -8,7 +8,9 @@ Every service process keeps the list in memory, fed by ephemeral ordered JetStre
   is the token's `sid`);
 - `tessera.tenancy.membership_changed` (MembershipChangedEvent): workspace tokens of that user and
   workspace issued at or before the change (a role change or removal takes effect at once; the user
-  exchanges the session for a new workspace token).
+  exchanges the session for a new workspace token);
+- `tessera.tenancy.workspace_deleted` (WorkspaceDeletedEvent): every workspace token of that workspace
+  issued at or before the deletion (an owner restoring it within its window gets a new token).
 
 Entries are dropped once every token they could concern has expired. `start()` returns after the
 backlog of the window has been read; until then `revoked_reason` fails closed (UNAVAILABLE).
@@ -38,10 +40,11 @@ from services.kit.events import stream_name, subject_for
 from services.kit.tokens import MAX_TOKEN_LIFETIME, AccessClaims
 from tessera.common.v1.event_pb2 import EventEnvelope
 from tessera.identity.v1.identity_events_pb2 import ApiKeyRevokedEvent, SessionsRevokedEvent
-from tessera.tenancy.v1.tenancy_events_pb2 import MembershipChangedEvent
+from tessera.tenancy.v1.tenancy_events_pb2 import MembershipChangedEvent, WorkspaceDeletedEvent
 
 SESSION_REVOKED = "session revoked"
 MEMBERSHIP_CHANGED = "membership changed"
+WORKSPACE_DELETED = "workspace deleted"
 
 _PRUNE_INTERVAL_SECONDS = 30.0
 
@@ -88,6 +91,7 @@ class RevocationList:
         self.catch_up_timeout = catch_up_timeout
         self._sessions: dict[str, datetime] = {}  # sid -> when its entry may go
         self._memberships: dict[tuple[str, str], datetime] = {}  # (user, workspace) -> latest change time
+        self._deleted_workspaces: dict[str, datetime] = {}  # workspace -> latest deletion time
         self._subscriptions: list[JetStreamContext.PushSubscription] = []
         self._ready = broker is None
         self._last_prune = time.monotonic()
@@ -110,6 +114,10 @@ class RevocationList:
             changed = self._memberships.get((claims.subject, claims.workspace_id))
             if changed is not None and changed >= claims.issued_at:
                 return MEMBERSHIP_CHANGED
+        if claims.workspace_id is not None and self._deleted_workspaces:
+            deleted = self._deleted_workspaces.get(claims.workspace_id)
+            if deleted is not None and deleted >= claims.issued_at:
+                return WORKSPACE_DELETED
         return None
 
     # -- applying revocations -------------------------------------------------------------------
@@ -135,12 +143,21 @@ class RevocationList:
             self._memberships[key] = at
         self._maybe_prune()
 
+    def workspace_deleted(self, workspace_id: str, *, at: datetime) -> None:
+        """Reject every workspace token of that workspace issued at or before `at`."""
+        key = _canonical(workspace_id)
+        previous = self._deleted_workspaces.get(key)
+        if previous is None or at > previous:
+            self._deleted_workspaces[key] = at
+        self._maybe_prune()
+
     def prune(self, *, now: datetime | None = None) -> None:
         """Drop the entries every token they could concern has outlived."""
         now = now or datetime.now(UTC)
         self._sessions = {sid: until for sid, until in self._sessions.items() if until > now}
         horizon = now - self.max_token_lifetime - self.leeway
         self._memberships = {key: at for key, at in self._memberships.items() if at > horizon}
+        self._deleted_workspaces = {key: at for key, at in self._deleted_workspaces.items() if at > horizon}
         self._last_prune = time.monotonic()
 
     def _maybe_prune(self) -> None:
@@ -158,6 +175,7 @@ class RevocationList:
             ("identity", SessionsRevokedEvent(), self._on_sessions_revoked),
             ("identity", ApiKeyRevokedEvent(), self._on_api_key_revoked),
             ("tenancy", MembershipChangedEvent(), self._on_membership_changed),
+            ("tenancy", WorkspaceDeletedEvent(), self._on_workspace_deleted),
         )
         try:
             waits = []
@@ -251,3 +269,11 @@ class RevocationList:
                 raise ValueError(f"member name {event.member!r} is not workspaces/{{ws}}/members/{{user}}")
             workspace_id, user_id = parsed
             self.membership_changed(user_id, workspace_id, at=_time_of(event, "change_time", envelope))
+
+    def _on_workspace_deleted(self, envelope: EventEnvelope, msg: Msg) -> None:
+        event = WorkspaceDeletedEvent()
+        if self._payload(envelope, event):
+            parsed = event.workspace.name.split("/")
+            if len(parsed) != 2 or parsed[0] != "workspaces":
+                raise ValueError(f"workspace name {event.workspace.name!r} is not workspaces/{{ws}}")
+            self.workspace_deleted(parsed[1], at=_time_of(event.workspace, "delete_time", envelope))

@@ -23,13 +23,13 @@ from services.kit.broker import Broker
 from services.kit.errors import Unavailable
 from services.kit.events import build_envelope, subject_for
 from services.kit.interceptors import TOKEN_REVOKED
-from services.kit.revocation import MEMBERSHIP_CHANGED, SESSION_REVOKED, RevocationList
+from services.kit.revocation import MEMBERSHIP_CHANGED, SESSION_REVOKED, WORKSPACE_DELETED, RevocationList
 from services.kit.server import ServiceRuntime
 from services.kit.tokens import AccessClaims
 from tessera.identity.v1 import identity_pb2
 from tessera.identity.v1.identity_events_pb2 import ApiKeyRevokedEvent, SessionsRevokedEvent
-from tessera.tenancy.v1 import tenancy_service_pb2, tenancy_service_pb2_grpc
-from tessera.tenancy.v1.tenancy_events_pb2 import MembershipChangedEvent
+from tessera.tenancy.v1 import tenancy_pb2, tenancy_service_pb2, tenancy_service_pb2_grpc
+from tessera.tenancy.v1.tenancy_events_pb2 import MembershipChangedEvent, WorkspaceDeletedEvent
 from tests.auth_helpers import TestKeys, bearer
 from tests.helpers import eventually
 from tests.kit.fake_service import FakeTenancy, fake_binding, kit_settings
@@ -166,6 +166,26 @@ async def test_a_workspace_token_predating_a_membership_change_is_rejected(serve
     viewer_token = served.keys.workspace_token(user, workspace, "viewer", session_id=session)
     assert await served.status(viewer_token) == OK
     assert await served.status(elsewhere) == OK
+
+
+@pytest.mark.gate("S03")
+async def test_a_deleted_workspace_stops_its_tokens_everywhere(served: Served) -> None:
+    owner, member, workspace = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    owner_token = served.keys.workspace_token(owner, workspace, "owner")
+    member_token = served.keys.workspace_token(member, workspace, "member")
+    elsewhere = served.keys.workspace_token(owner, str(uuid.uuid4()), "owner")
+    assert await served.status(owner_token) == OK
+
+    deleted = WorkspaceDeletedEvent(
+        workspace=tenancy_pb2.Workspace(name=f"workspaces/{workspace}", delete_time=timestamp(datetime.now(UTC)))
+    )
+    await publish(served.publisher, "tenancy", deleted, tenant_id=workspace, subject=deleted.workspace.name)
+
+    await served.becomes_revoked(owner_token, "the deleted workspace's tokens to be rejected")
+    assert served.revocations.revoked_reason(await served.keys.verifier.verify(member_token)) == WORKSPACE_DELETED
+    assert await served.status(elsewhere) == OK
+    # An owner who restores the workspace gets a new token, issued after the deletion: it works.
+    assert await served.status(served.keys.workspace_token(owner, workspace, "owner")) == OK
 
 
 async def test_a_revoked_api_key_stops_its_tokens(served: Served) -> None:
