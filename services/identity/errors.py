@@ -13,18 +13,18 @@ from services.kit.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from services.kit.interceptors import TOKEN_REVOKED
+from services.kit.tokens import TOKEN_EXPIRED, TOKEN_INVALID
 
 # ErrorInfo reasons (UPPER_SNAKE, names of tessera.common.v1.ErrorReason). S105: reason codes, not secrets.
-# Shared with the kit's token checks: a refresh token or API key is a bearer credential like an access token.
-TOKEN_EXPIRED = "TOKEN_EXPIRED"  # noqa: S105
-TOKEN_INVALID = "TOKEN_INVALID"  # noqa: S105
-TOKEN_REVOKED = "TOKEN_REVOKED"  # noqa: S105
+# TOKEN_EXPIRED, TOKEN_INVALID and TOKEN_REVOKED are the kit's (imported above): a refresh token or
+# API key is a bearer credential like an access token.
 RATE_LIMITED = "RATE_LIMITED"
 # Identity's own.
 INVALID_CREDENTIALS = "INVALID_CREDENTIALS"
-WEAK_PASSWORD = "WEAK_PASSWORD"  # noqa: S105
-REFRESH_TOKEN_REUSED = "REFRESH_TOKEN_REUSED"  # noqa: S105
-USER_TOKEN_REQUIRED = "USER_TOKEN_REQUIRED"  # noqa: S105
+WEAK_PASSWORD = "WEAK_PASSWORD"  # noqa: S105  # a name, not a secret
+REFRESH_TOKEN_REUSED = "REFRESH_TOKEN_REUSED"  # noqa: S105  # a name, not a secret
+USER_TOKEN_REQUIRED = "USER_TOKEN_REQUIRED"  # noqa: S105  # a name, not a secret
 OIDC_EMAIL_NOT_VERIFIED = "OIDC_EMAIL_NOT_VERIFIED"
 
 # One message for an unknown email and a wrong password: sign-in must not reveal which accounts exist.

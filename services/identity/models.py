@@ -183,9 +183,9 @@ class RevokeReason(enum.StrEnum):
 
     # S105: reason names, not secrets.
     SIGN_OUT = "sign_out"
-    REFRESH_TOKEN_REUSE = "refresh_token_reuse"  # noqa: S105
-    PASSWORD_CHANGED = "password_changed"  # noqa: S105
-    PASSWORD_RESET = "password_reset"  # noqa: S105
+    REFRESH_TOKEN_REUSE = "refresh_token_reuse"  # noqa: S105  # a name, not a secret
+    PASSWORD_CHANGED = "password_changed"  # noqa: S105  # a name, not a secret
+    PASSWORD_RESET = "password_reset"  # noqa: S105  # a name, not a secret
     OPERATOR = "operator"
 
 
@@ -198,9 +198,9 @@ class AuditAction(enum.StrEnum):
     REFRESH_TOKEN_REUSED = "refresh_token.reused"  # noqa: S105  # an action name, not a secret
     REFRESH_FAILED = "refresh.failed"
     SESSIONS_REVOKED = "sessions.revoked"
-    PASSWORD_CHANGED = "password.changed"  # noqa: S105
-    PASSWORD_CHANGE_FAILED = "password.change_failed"  # noqa: S105
-    PASSWORD_RESET = "password.reset"  # noqa: S105
+    PASSWORD_CHANGED = "password.changed"  # noqa: S105  # a name, not a secret
+    PASSWORD_CHANGE_FAILED = "password.change_failed"  # noqa: S105  # a name, not a secret
+    PASSWORD_RESET = "password.reset"  # noqa: S105  # a name, not a secret
     EMAIL_VERIFIED = "email.verified"
     API_KEY_CREATED = "api_key.created"
     API_KEY_REVOKED = "api_key.revoked"

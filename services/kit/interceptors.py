@@ -75,10 +75,10 @@ AUTHORIZATION_HEADER = "authorization"
 
 # ErrorInfo reasons of the auth checks (UNAUTHENTICATED: TOKEN_EXPIRED / TOKEN_INVALID from the verifier).
 # (S105: error reasons, not secrets.)
-TOKEN_REQUIRED = "UNAUTHENTICATED"  # noqa: S105
-TOKEN_REVOKED = "TOKEN_REVOKED"  # noqa: S105
+TOKEN_REQUIRED = "UNAUTHENTICATED"  # noqa: S105  # an error reason, not a secret
+TOKEN_REVOKED = "TOKEN_REVOKED"  # noqa: S105  # an error reason, not a secret
 NO_AUTH_RULE = "NO_AUTH_RULE"
-WORKSPACE_TOKEN_REQUIRED = "WORKSPACE_TOKEN_REQUIRED"  # noqa: S105
+WORKSPACE_TOKEN_REQUIRED = "WORKSPACE_TOKEN_REQUIRED"  # noqa: S105  # an error reason, not a secret
 MISSING_PERMISSION = "MISSING_PERMISSION"
 
 # Services that answer without a principal: probes and tooling must work before and without auth.

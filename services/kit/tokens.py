@@ -43,8 +43,8 @@ KIND_API_KEY = "api_key"
 TOKEN_KINDS = (KIND_USER, KIND_API_KEY)
 
 # ErrorInfo reasons of rejected tokens (S105: not secrets).
-TOKEN_EXPIRED = "TOKEN_EXPIRED"  # noqa: S105
-TOKEN_INVALID = "TOKEN_INVALID"  # noqa: S105
+TOKEN_EXPIRED = "TOKEN_EXPIRED"  # noqa: S105  # an error reason, not a secret
+TOKEN_INVALID = "TOKEN_INVALID"  # noqa: S105  # an error reason, not a secret
 
 _REQUIRED_CLAIMS = ["exp", "iat", "sub", "sid", "iss", "aud", "jti"]
 _ROLES = frozenset(ROLES)

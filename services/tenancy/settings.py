@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr, model_validator
 from services.kit.settings import KitSettings
 
 # Signs page tokens where no secret is configured (local and test only; production must set its own).
-DEVELOPMENT_PAGE_TOKEN_SECRET = "tessera-development-page-token-secret-do-not-use-in-production"  # noqa: S105
+DEVELOPMENT_PAGE_TOKEN_SECRET = "tessera-development-page-token-secret-do-not-use-in-production"  # noqa: S105  # development default; production settings refuse it
 MIN_PRODUCTION_SECRET_BYTES = 32
 
 
