@@ -26,6 +26,8 @@ PROTO_DIR = REPO_ROOT / "proto"
 GEN_DIR = REPO_ROOT / "gen"
 BASELINE_IMAGE = REPO_ROOT / "contracts" / "released.binpb"
 VALIDATE_PROTO = "buf/validate/validate.proto"
+# FileDescriptorSet of our contracts with imports and source info (comments), relative to `gen/`.
+DESCRIPTOR_SET = "tessera/descriptor_set.binpb"
 
 
 class ProtoToolError(RuntimeError):
@@ -133,7 +135,7 @@ def build_image(out: Path, proto_root: Path = PROTO_DIR) -> Path:
 
 
 def generate(out_dir: Path = GEN_DIR, proto_root: Path = PROTO_DIR) -> list[Path]:
-    """Regenerate `gen/` from scratch: pb2 modules, .pyi stubs and grpc stubs.
+    """Regenerate `gen/` from scratch: pb2 modules, .pyi stubs, grpc stubs and the descriptor set.
 
     Generation goes to a temporary directory first so a protoc failure leaves `gen/` untouched
     and files of deleted contracts disappear.
@@ -151,6 +153,18 @@ def generate(out_dir: Path = GEN_DIR, proto_root: Path = PROTO_DIR) -> list[Path
                     f"--grpc_python_out={staging}",
                     *files,
                     VALIDATE_PROTO,
+                ]
+            )
+            # The gateway reads proto comments (OpenAPI descriptions) from this set at run time.
+            descriptor_set = staging / DESCRIPTOR_SET
+            descriptor_set.parent.mkdir(parents=True, exist_ok=True)
+            _protoc(
+                [
+                    *includes,
+                    "--include_imports",
+                    "--include_source_info",
+                    f"--descriptor_set_out={descriptor_set}",
+                    *files,
                 ]
             )
         for directory in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
