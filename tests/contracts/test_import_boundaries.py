@@ -30,6 +30,8 @@ CLEAN_TREE = {
     "services/kit/__init__.py": "",
     "services/kit/runtime.py": '"""Shared runtime."""\n',
     "tessera_cli/__init__.py": "",
+    "gateway/__init__.py": "",
+    "gateway/app.py": '"""Gateway."""\n',
     **{f"services/{name}/__init__.py": "" for name in SERVICE_PACKAGES},
     **{f"services/{name}/service.py": "from services.kit import runtime\n" for name in SERVICE_PACKAGES},
 }
@@ -88,7 +90,12 @@ def statuses(output: str) -> dict[str, str]:
 def test_project_declares_the_boundary_contracts() -> None:
     config = importlinter_config()
     assert {"services", "tessera_cli"} <= set(config["root_packages"])
-    assert set(contract_names()) >= {"kit-imports-no-service", "services-independent", "services-no-tooling"}
+    assert set(contract_names()) >= {
+        "kit-imports-no-service",
+        "services-independent",
+        "services-no-tooling",
+        "gateway-imports-no-service",
+    }
 
 
 def test_real_tree_keeps_every_contract() -> None:
@@ -157,6 +164,24 @@ def test_clean_fixture_keeps_every_contract(tmp_path: Path) -> None:
             (),
             {"services-no-tooling"},
             id="kit-imports-migrations",
+        ),
+        pytest.param(
+            {"gateway/bad.py": "from services.tenancy import service\n"},
+            (),
+            {"gateway-imports-no-service"},
+            id="gateway-imports-a-service",
+        ),
+        pytest.param(
+            {"gateway/bad.py": "from services.kit import runtime\n"},
+            (),
+            {"gateway-imports-no-service"},
+            id="gateway-imports-the-kit",
+        ),
+        pytest.param(
+            {"services/tenancy/bad.py": "from gateway import app\n"},
+            (),
+            {"services-no-tooling"},
+            id="service-imports-the-gateway",
         ),
     ],
 )

@@ -1,0 +1,91 @@
+"""Gateway settings: `TESSERA_GATEWAY_*` plus one `TESSERA_<DOMAIN>_ADDRESS` per contract domain."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from gateway.browser import BrowserSettings
+from gateway.descriptors import domains
+from gateway.ratelimit import RateLimitSettings
+
+ENV_PREFIX = "TESSERA_GATEWAY_"
+
+
+def address_variable(domain: str) -> str:
+    """The environment variable naming a domain's gRPC address."""
+    return f"TESSERA_{domain.upper()}_ADDRESS"
+
+
+class GatewaySettingsError(Exception):
+    """Invalid gateway configuration; the message names every bad variable."""
+
+
+class GatewaySettings(BaseSettings):
+    """Configuration of one gateway process."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    addresses: dict[str, str] = Field(default_factory=dict)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+    default_deadline_seconds: float = Field(default=30.0, gt=0)
+    max_deadline_seconds: float = Field(default=300.0, gt=0)
+    log_level: str = "INFO"
+    api_title: str = "Tessera"
+    api_version: str = "v1"
+    browser: BrowserSettings = Field(default_factory=BrowserSettings)
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _addresses_from_environment(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("addresses"):
+            found = {
+                domain: os.environ[address_variable(domain)]
+                for domain in domains()
+                if address_variable(domain) in os.environ
+            }
+            return {**data, "addresses": found}
+        return data
+
+    @field_validator("addresses")
+    @classmethod
+    def _every_domain_has_an_address(cls, value: dict[str, str]) -> dict[str, str]:
+        missing = [address_variable(domain) for domain in domains() if not value.get(domain)]
+        if missing:
+            raise ValueError(f"missing backend address: set {', '.join(missing)} (host:port)")
+        return value
+
+    @model_validator(mode="after")
+    def _browser_origins_default_to_cors(self) -> GatewaySettings:
+        if not self.browser.allowed_origins and self.cors_origins:
+            self.browser = BrowserSettings.model_validate(
+                {**self.browser.model_dump(), "allowed_origins": tuple(self.cors_origins)}
+            )
+        return self
+
+
+def load_settings(**overrides: Any) -> GatewaySettings:
+    """Settings from the environment (and overrides), raising GatewaySettingsError naming each bad variable."""
+    try:
+        return GatewaySettings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = "__".join(str(part) for part in error["loc"]) if error["loc"] else "settings"
+            variable = "TESSERA_<DOMAIN>_ADDRESS" if field == "addresses" else f"{ENV_PREFIX}{field.upper()}"
+            problems.append(f"{variable}: {error['msg']}")
+        raise GatewaySettingsError("invalid gateway settings: " + "; ".join(problems)) from exc
