@@ -54,19 +54,21 @@ def settings_for(mesh: Mesh, **overrides: Any) -> GatewaySettings:
     )
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: the mesh's outbox relays must not outlive the gateway tests, or they drain
+# the outboxes that service-layer tests elsewhere in the session inspect.
+@pytest.fixture(scope="module")
 async def gateway_mesh(admin_url: str, nats_url: str) -> AsyncIterator[Mesh]:
     """Identity and tenancy running in-process with enforced auth."""
     async with running_mesh(admin_url, nats_url) as mesh:
         yield mesh
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gateway_settings(gateway_mesh: Mesh) -> GatewaySettings:
     return settings_for(gateway_mesh)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def gateway_url(gateway_settings: GatewaySettings) -> AsyncIterator[str]:
     """Base URL of the gateway (create_app with the session settings) under a real uvicorn."""
     from gateway.app import create_app

@@ -32,6 +32,7 @@ from services.identity.settings import IdentitySettings
 from services.kit.server import ServiceRuntime
 from services.kit.settings import load_settings
 from tessera.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
+from tessera_cli.embedded import EmbeddedNats
 from tests.auth_helpers import bearer
 from tests.helpers import eventually
 from tests.identity.mail_server import SmtpServer, running_smtp_server
@@ -86,13 +87,24 @@ def provider_config(provider: OidcProvider, oidc_client: RegisteredClient) -> Oi
 
 
 @pytest.fixture(scope="module")
+def module_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A NATS server of this module: the mail consumer must not start behind the backlog of mails
+    requested by every other identity process of the session on the shared server."""
+    server = EmbeddedNats(tmp_path_factory.mktemp("oidc-rpc-nats")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
 async def runtime(
-    admin_url: str, nats_url: str, smtp: SmtpServer, provider_config: OidcProviderConfig
+    admin_url: str, module_nats: str, smtp: SmtpServer, provider_config: OidcProviderConfig
 ) -> AsyncIterator[ServiceRuntime]:
     settings = load_settings(
         IdentitySettings,
         database_url=runner.service_url(admin_url, "identity"),
-        nats_url=nats_url,
+        nats_url=module_nats,
         environment="test",
         grpc_host="127.0.0.1",
         grpc_port=0,
@@ -106,6 +118,10 @@ async def runtime(
         argon2_time_cost=1,
         argon2_memory_kib=1024,
         argon2_parallelism=1,
+        # Rate-limit windows live in the shared database per source address: other modules of the
+        # session sign up many users from 127.0.0.1 within the same minute.
+        sign_up_limit_per_address=10_000,
+        sign_in_limit_per_address=10_000,
     )
     service_runtime = await build(settings)
     await service_runtime.start()

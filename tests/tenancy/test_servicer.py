@@ -264,26 +264,29 @@ async def test_soft_delete_and_restore_window(stub: Stub, keys: TestKeys) -> Non
     deleted = (await stub.DeleteWorkspace(pb.DeleteWorkspaceRequest(name=workspace.name), metadata=token)).workspace
     assert deleted.purge_time.seconds - deleted.delete_time.seconds == 30 * 24 * 3600
 
-    gone = await call(stub, "GetWorkspace", pb.GetWorkspaceRequest(name=workspace.name), token)
+    # Deleting revokes the workspace tokens issued until then, in every service (WorkspaceDeletedEvent).
+    async def revoked() -> bool:
+        old = await call(stub, "GetWorkspace", pb.GetWorkspaceRequest(name=workspace.name), token)
+        return outcome(old) == ("UNAUTHENTICATED", "TOKEN_REVOKED")
+
+    await eventually(revoked, timeout=10, what="the deleting token to be revoked")
+    # The owner's membership stays usable inside the restore window, so identity can issue a fresh
+    # workspace token for UndeleteWorkspace; the deleted workspace itself is NOT_FOUND.
+    fresh = await in_workspace(stub, keys, owner, workspace.name)
+    gone = await call(stub, "GetWorkspace", pb.GetWorkspaceRequest(name=workspace.name), fresh)
     assert outcome(gone) == ("NOT_FOUND", "RESOURCE_NOT_FOUND")
-    # The owner's membership stays usable inside the restore window, so a fresh workspace token can
-    # be issued for UndeleteWorkspace after the one used to delete has expired.
-    lookup = await stub.LookupMembership(
-        pb.LookupMembershipRequest(workspace=workspace.name), metadata=user(keys, owner)
-    )
-    assert lookup.member.role == "owner"
     default = await stub.ListWorkspaces(pb.ListWorkspacesRequest(), metadata=user(keys, owner))
     with_deleted = await stub.ListWorkspaces(pb.ListWorkspacesRequest(show_deleted=True), metadata=user(keys, owner))
     assert list(default.workspaces) == []
     assert [(w.name, w.HasField("delete_time")) for w in with_deleted.workspaces] == [(workspace.name, True)]
 
     restored = (
-        await stub.UndeleteWorkspace(pb.UndeleteWorkspaceRequest(name=workspace.name), metadata=token)
+        await stub.UndeleteWorkspace(pb.UndeleteWorkspaceRequest(name=workspace.name), metadata=fresh)
     ).workspace
     assert not restored.HasField("delete_time")
-    again = await call(stub, "UndeleteWorkspace", pb.UndeleteWorkspaceRequest(name=workspace.name), token)
+    again = await call(stub, "UndeleteWorkspace", pb.UndeleteWorkspaceRequest(name=workspace.name), fresh)
     assert outcome(again) == ("FAILED_PRECONDITION", "WORKSPACE_NOT_DELETED")
-    assert (await stub.GetWorkspace(pb.GetWorkspaceRequest(name=workspace.name), metadata=token)).workspace.name
+    assert (await stub.GetWorkspace(pb.GetWorkspaceRequest(name=workspace.name), metadata=fresh)).workspace.name
 
 
 # --- invitations and memberships ---------------------------------------------------------------------------
