@@ -3,8 +3,9 @@
 `TESSERA_DATABASE_URL` / `TESSERA_NATS_URL` name external servers (unset: `tessera up` runs embedded
 ones under `TESSERA_HOME`). Each service's gRPC port is `TESSERA_<SERVICE>_PORT` (e.g.
 `TESSERA_TENANCY_PORT`), defaulting to the port in the service registry (`tessera_cli.stack.SERVICES`),
-so adding a service adds its variable without touching this file. A malformed variable raises
-`SettingsError` naming it.
+so adding a service adds its variable without touching this file. The REST gateway's port is
+`TESSERA_GATEWAY_PORT` (default 8080; `--port gateway=N`). A malformed variable raises `SettingsError`
+naming it.
 """
 
 from __future__ import annotations
@@ -12,19 +13,21 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.kit.settings import ENV_PREFIX, SettingsError
 
-__all__ = ["CliSettings", "SettingsError", "load_cli_settings", "port_env_var"]
+__all__ = ["GATEWAY", "GATEWAY_PORT_ENV", "CliSettings", "SettingsError", "load_cli_settings", "port_env_var"]
 
 PortNumber = Annotated[int, Field(ge=1, le=65535)]
 
 DEFAULT_HOME = Path(".tessera")
 GATEWAY_DEFAULT_PORT = 8080
+GATEWAY = "gateway"  # the name `--port gateway=N` uses
+GATEWAY_PORT_ENV = f"{ENV_PREFIX}GATEWAY_PORT"
 
 
 def port_env_var(service: str) -> str:
@@ -42,7 +45,7 @@ class CliSettings(BaseSettings):
     nats_url: str | None = Field(default=None, description="URL of an external NATS server with JetStream")
     # Filled by load_cli_settings from TESSERA_<SERVICE>_PORT; services not listed use their default port.
     service_ports: dict[str, PortNumber] = Field(default_factory=dict, exclude=True)
-    gateway_port: PortNumber = Field(default=GATEWAY_DEFAULT_PORT, description="reserved for the REST gateway")
+    gateway_port: PortNumber = Field(default=GATEWAY_DEFAULT_PORT, description="port of the REST gateway")
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     startup_timeout_seconds: float = Field(default=90.0, gt=0)
@@ -81,17 +84,23 @@ def load_cli_settings(
     ports: Mapping[str, int | str] | None = None,
     home: Path | None = None,
 ) -> CliSettings:
-    """The CLI settings (ports from TESSERA_<SERVICE>_PORT, then `ports`), or SettingsError naming each variable."""
+    """The CLI settings (ports from TESSERA_<SERVICE>_PORT, then `ports`), or SettingsError naming each variable.
+
+    `ports` may name the gateway (`"gateway"`): it overrides TESSERA_GATEWAY_PORT.
+    """
     raw_ports: dict[str, int | str] = {}
     for service in services:
         value = os.environ.get(port_env_var(service), "")
         if value.strip():
             raw_ports[service] = value.strip()
     raw_ports.update(ports or {})
+    overrides: dict[str, Any] = {}
+    if GATEWAY in raw_ports:
+        overrides["gateway_port"] = raw_ports.pop(GATEWAY)
+    if home is not None:
+        overrides["home"] = home
     try:
-        if home is not None:
-            return CliSettings(service_ports=raw_ports, home=home)
-        return CliSettings(service_ports=raw_ports)
+        return CliSettings(service_ports=raw_ports, **overrides)
     except ValidationError as exc:
         lines = [
             f"  {_variable(tuple(err['loc']))}: "

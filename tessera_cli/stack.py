@@ -2,9 +2,10 @@
 
 `Stack.run()` resolves PostgreSQL and NATS (external via TESSERA_DATABASE_URL / TESSERA_NATS_URL,
 else embedded servers under TESSERA_HOME on free ports), migrates the database, starts every service
-in `SERVICES` as a child process, waits until each reports SERVING over `grpc.health.v1`, records the
-addresses and pids in `TESSERA_HOME/stack.json` (read by `tessera doctor`, `migrate` and `events`),
-then supervises until Ctrl-C / SIGTERM or a child's death, and stops everything it started.
+in `SERVICES` as a child process, waits until each reports SERVING over `grpc.health.v1`, then starts
+the REST gateway (`GATEWAY`) and waits until its `/readyz` answers 200, records the addresses and pids
+in `TESSERA_HOME/stack.json` (read by `tessera doctor`, `migrate` and `events`), then supervises until
+Ctrl-C / SIGTERM or a child's death, and stops everything it started (the gateway first).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +39,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tessera_cli.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError, port_is_free
-from tessera_cli.settings import CliSettings, port_env_var
+from tessera_cli.settings import GATEWAY_PORT_ENV, CliSettings, port_env_var
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -66,11 +69,16 @@ class ServiceSpec:
 
 @dataclass(frozen=True, slots=True)
 class GatewaySpec:
-    """The REST gateway process (registered once it exists; `doctor` and `up` then include it)."""
+    """The REST gateway process: `up` starts it after every service is SERVING; `doctor` checks it."""
 
     module: str
     default_port: int
-    health_path: str = "/healthz"
+    health_path: str = "/readyz"  # 200 only when every backend service it routes to is SERVING
+    name: str = "gateway"
+
+    @property
+    def port_env(self) -> str:
+        return GATEWAY_PORT_ENV
 
 
 # Adding a service to the local stack (and to `tessera doctor`) is one line here.
@@ -90,8 +98,13 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ),
 )
 
-# The gateway issue sets this (its port comes from TESSERA_GATEWAY_PORT, already reserved in settings).
-GATEWAY: GatewaySpec | None = None
+# The REST/JSON gateway in front of every service (port: TESSERA_GATEWAY_PORT or `--port gateway=N`).
+GATEWAY: GatewaySpec | None = GatewaySpec(module="gateway.main", default_port=8080, health_path="/readyz")
+
+
+def gateway_url(port: int) -> str:
+    """Base URL of a gateway listening on the local stack's host."""
+    return f"http://{SERVICE_HOST}:{port}"
 
 
 def service_names() -> list[str]:
@@ -106,15 +119,18 @@ class StackError(Exception):
 # --- stack.json -------------------------------------------------------------------------------------------
 
 
+ProcessKind = Literal["up", "postgres", "nats", "service", "gateway"]
+
+
 class ProcessRecord(BaseModel):
     """A process of the stack; create_time guards against a recycled pid."""
 
     pid: int
     create_time: float
-    kind: Literal["up", "postgres", "nats", "service"]
+    kind: ProcessKind
 
     @classmethod
-    def of(cls, pid: int, kind: Literal["up", "postgres", "nats", "service"]) -> ProcessRecord:
+    def of(cls, pid: int, kind: ProcessKind) -> ProcessRecord:
         return cls(pid=pid, create_time=psutil.Process(pid).create_time(), kind=kind)
 
     def is_alive(self) -> bool:
@@ -131,6 +147,15 @@ class ServiceRecord(BaseModel):
 
     name: str
     grpc_service: str
+    address: str
+    log: str
+    process: ProcessRecord
+
+
+class GatewayRecord(BaseModel):
+    """The running REST gateway: its base URL (http://host:port), address and log."""
+
+    url: str
     address: str
     log: str
     process: ProcessRecord
@@ -156,10 +181,12 @@ class StackState(BaseModel):
     database: ServerRecord | None = None  # url: the admin (superuser) URL, used by migrate and doctor
     nats: ServerRecord | None = None
     services: list[ServiceRecord] = []
+    gateway: GatewayRecord | None = None
 
     def processes(self) -> list[ProcessRecord]:
-        """Every process the stack started (services first, then NATS, then PostgreSQL)."""
-        found = [record.process for record in self.services]
+        """Every process the stack started (gateway, services, then NATS, then PostgreSQL)."""
+        found = [self.gateway.process] if self.gateway is not None else []
+        found += [record.process for record in self.services]
         for server in (self.nats, self.database):
             if server is not None and server.process is not None:
                 found.append(server.process)
@@ -273,6 +300,18 @@ def health_status(channel: grpc.Channel, service: str, *, timeout: float) -> str
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
+def http_status(url: str, *, timeout: float) -> tuple[int | None, str]:
+    """GET url: (HTTP status, short body or error); status None when nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310  # http://127.0.0.1 URLs only
+            return int(response.status), response.read(500).decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(500).decode(errors="replace")
+    except (OSError, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return None, f"unreachable ({reason})"
+
+
 # --- processes ------------------------------------------------------------------------------------------
 
 
@@ -320,7 +359,8 @@ class _StopRequested(BaseException):
 
 @dataclass
 class _Child:
-    spec: ServiceSpec
+    name: str
+    spec: ServiceSpec | None  # None: the gateway
     port: int
     log_path: Path
     log_offset: int
@@ -331,6 +371,10 @@ class _Child:
     @property
     def address(self) -> str:
         return f"{SERVICE_HOST}:{self.port}"
+
+    @property
+    def grpc_service(self) -> str:
+        return self.spec.grpc_service if self.spec is not None else ""
 
 
 class Stack:
@@ -353,6 +397,8 @@ class Stack:
         self._pg: EmbeddedPostgres | None = None
         self._nats: EmbeddedNats | None = None
         self._children: list[_Child] = []
+        self._gateway: _Child | None = None
+        self.gateway = GATEWAY if start_services else None
         self._admin_url = ""
         self._nats_url = ""
         self._service_passwords: dict[str, str] = {}
@@ -377,6 +423,7 @@ class Stack:
                 self._migrate()
                 self._start_services()
                 self._wait_until_serving()
+                self._start_gateway()
                 self._announce_ready()
                 return self._supervise()
             except _StopRequested as stop:
@@ -428,19 +475,21 @@ class Stack:
         self.console.print(f"[bold]tessera up[/bold]: state in {escape(self._rel(self.home))}", soft_wrap=True)
         self.home.mkdir(parents=True, exist_ok=True)
         self._clean_previous_run()
-        ports: dict[int, list[ServiceSpec]] = {}
+        ports: dict[int, list[ServiceSpec | GatewaySpec]] = {}
         for spec in self.services:
             ports.setdefault(self.settings.port_for(spec.name, spec.default_port), []).append(spec)
-        for port, specs in sorted(ports.items()):
-            if len(specs) > 1:
-                names = " and ".join(spec.name for spec in specs)
-                variables = ", ".join(spec.port_env for spec in specs)
+        if self.gateway is not None:
+            ports.setdefault(self.settings.gateway_port, []).append(self.gateway)
+        for port, owners in sorted(ports.items()):
+            if len(owners) > 1:
+                names = " and ".join(owner.name for owner in owners)
+                variables = ", ".join(owner.port_env for owner in owners)
                 raise StackError(f"port {port} is configured for both {names}; give each its own port ({variables})")
-            spec = specs[0]
+            owner = owners[0]
             if not port_is_free(SERVICE_HOST, port):
                 raise StackError(
-                    f"port {port} for {spec.name} is already in use; "
-                    f"set {spec.port_env} or stop the other process (nothing was started)"
+                    f"port {port} for {owner.name} is already in use; "
+                    f"set {owner.port_env} or stop the other process (nothing was started)"
                 )
         up = ProcessRecord.of(os.getpid(), "up")
         self._state = StackState(
@@ -589,73 +638,129 @@ class Stack:
         if not self.services:
             self.console.print("[dim]--no-services: not starting any service[/dim]")
             return
-        logs = self.home / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
         for spec in self.services:
             port = self.settings.port_for(spec.name, spec.default_port)
-            log_path = logs / f"{spec.name}.log"
-            self.console.print(
-                f"[bold blue]→[/bold blue] starting {spec.name} on {SERVICE_HOST}:{port} (log {self._rel(log_path)})",
-                soft_wrap=True,
-            )
-            with log_path.open("ab") as log:
-                stamp = datetime.now(UTC).isoformat(timespec="seconds")
-                log.write(f"--- tessera up: starting {spec.name} on port {port} at {stamp} ---\n".encode())
-                log.flush()
-                offset = log.tell()
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", spec.module],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=self._service_env(spec, port),
-                    # Own session: a terminal's Ctrl-C reaches only `tessera up`, which stops children in order.
-                    start_new_session=True,
-                )
-            child = _Child(spec, port, log_path, offset, proc, ProcessRecord.of(proc.pid, "service"))
+            child = self._spawn(spec.name, spec.module, port, self._service_env(spec, port), spec=spec)
             self._children.append(child)
             self._state.services.append(
                 ServiceRecord(
                     name=spec.name,
                     grpc_service=spec.grpc_service,
                     address=child.address,
-                    log=str(log_path),
+                    log=str(child.log_path),
                     process=child.record,
                 )
             )
         self._save()
         if self.follow_logs:
             for child in self._children:
-                thread = threading.Thread(target=self._follow, args=(child,), name=f"follow-{child.spec.name}")
-                thread.daemon = True
-                thread.start()
-                self._followers.append(thread)
+                self._start_follower(child)
+
+    def _spawn(self, name: str, module: str, port: int, env: dict[str, str], *, spec: ServiceSpec | None) -> _Child:
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{name}.log"
+        self.console.print(
+            f"[bold blue]→[/bold blue] starting {name} on {SERVICE_HOST}:{port} (log {self._rel(log_path)})",
+            soft_wrap=True,
+        )
+        with log_path.open("ab") as log:
+            stamp = datetime.now(UTC).isoformat(timespec="seconds")
+            log.write(f"--- tessera up: starting {name} on port {port} at {stamp} ---\n".encode())
+            log.flush()
+            offset = log.tell()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                # Own session: a terminal's Ctrl-C reaches only `tessera up`, which stops children in order.
+                start_new_session=True,
+            )
+        record = ProcessRecord.of(proc.pid, "service" if spec is not None else "gateway")
+        return _Child(name, spec, port, log_path, offset, proc, record)
+
+    def _start_follower(self, child: _Child) -> None:
+        thread = threading.Thread(target=self._follow, args=(child,), name=f"follow-{child.name}")
+        thread.daemon = True
+        thread.start()
+        self._followers.append(thread)
+
+    def _gateway_env(self, port: int) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if key not in _NOT_INHERITED}
+        env.update(
+            TESSERA_GATEWAY_HOST=SERVICE_HOST,
+            TESSERA_GATEWAY_PORT=str(port),
+            PYTHONUNBUFFERED="1",
+        )
+        # The local stack serves plain http://127.0.0.1: browsers drop Secure cookies there.
+        env.setdefault("TESSERA_GATEWAY_BROWSER__COOKIE_SECURE", "false")
+        env.setdefault("TESSERA_GATEWAY_LOG_LEVEL", self.settings.log_level)
+        for spec in SERVICES:
+            env[f"TESSERA_{spec.name.upper()}_ADDRESS"] = (
+                f"{SERVICE_HOST}:{self.settings.port_for(spec.name, spec.default_port)}"
+            )
+        return env
+
+    def _start_gateway(self) -> None:
+        assert self._state is not None
+        if self.gateway is None:
+            return
+        port = self.settings.gateway_port
+        child = self._spawn(self.gateway.name, self.gateway.module, port, self._gateway_env(port), spec=None)
+        self._gateway = child
+        self._state.gateway = GatewayRecord(
+            url=gateway_url(port), address=child.address, log=str(child.log_path), process=child.record
+        )
+        self._save()
+        if self.follow_logs:
+            self._start_follower(child)
+        started = time.monotonic()
+        deadline = started + self.settings.startup_timeout_seconds
+        url = gateway_url(port) + self.gateway.health_path
+        while True:
+            self._raise_if_exited(child, during="start-up")
+            status, detail = http_status(url, timeout=2.0)
+            if status == 200:
+                self.console.print(
+                    f"  [green]✓[/green] gateway ready at {gateway_url(port)} ({time.monotonic() - started:.1f}s)"
+                )
+                return
+            if time.monotonic() > deadline:
+                last = f"HTTP {status} {detail}" if status is not None else detail
+                raise StackError(
+                    f"the gateway did not answer 200 on {url} within {self.settings.startup_timeout_seconds:g}s "
+                    f"(last answer: {last.strip()}); last lines of {child.log_path}:\n"
+                    + _log_tail(child.log_path, child.log_offset)
+                )
+            time.sleep(0.1)
 
     def _wait_until_serving(self) -> None:
         if not self._children:
             return
         started = time.monotonic()
         deadline = started + self.settings.startup_timeout_seconds
-        channels = {child.spec.name: grpc.insecure_channel(child.address) for child in self._children}
+        channels = {child.name: grpc.insecure_channel(child.address) for child in self._children}
         last: dict[str, str] = {}
         try:
             pending = list(self._children)
             while pending:
                 for child in list(pending):
                     self._raise_if_exited(child, during="start-up")
-                    status = health_status(channels[child.spec.name], child.spec.grpc_service, timeout=1.0)
-                    last[child.spec.name] = status
+                    status = health_status(channels[child.name], child.grpc_service, timeout=1.0)
+                    last[child.name] = status
                     if status == "SERVING":
                         self.console.print(
-                            f"  [green]✓[/green] {child.spec.name} SERVING at {child.address} "
+                            f"  [green]✓[/green] {child.name} SERVING at {child.address} "
                             f"({time.monotonic() - started:.1f}s)"
                         )
                         pending.remove(child)
                 if pending and time.monotonic() > deadline:
                     child = pending[0]
                     raise StackError(
-                        f"{child.spec.name} did not report SERVING within {self.settings.startup_timeout_seconds:g}s "
-                        f"(last health status: {last.get(child.spec.name)}); last lines of {child.log_path}:\n"
+                        f"{child.name} did not report SERVING within {self.settings.startup_timeout_seconds:g}s "
+                        f"(last health status: {last.get(child.name)}); last lines of {child.log_path}:\n"
                         + _log_tail(child.log_path, child.log_offset)
                     )
                 if pending:
@@ -668,7 +773,7 @@ class Stack:
         code = child.proc.poll()
         if code is not None:
             raise StackError(
-                f"{child.spec.name} {_exit_description(code)} during {during}; last lines of {child.log_path}:\n"
+                f"{child.name} {_exit_description(code)} during {during}; last lines of {child.log_path}:\n"
                 + _log_tail(child.log_path, child.log_offset)
             )
 
@@ -691,11 +796,22 @@ class Stack:
         for child in self._children:
             rows.append(
                 (
-                    child.spec.name,
-                    f"{child.address} (gRPC {child.spec.grpc_service})",
+                    child.name,
+                    f"{child.address} (gRPC {child.grpc_service})",
                     "SERVING",
                     str(child.proc.pid),
                     self._rel(child.log_path),
+                )
+            )
+        if self._gateway is not None:
+            base = gateway_url(self._gateway.port)
+            rows.append(
+                (
+                    "gateway",
+                    f"{base} (REST/JSON; docs {base}/docs, OpenAPI {base}/openapi.json)",
+                    "ready",
+                    str(self._gateway.proc.pid),
+                    self._rel(self._gateway.log_path),
                 )
             )
         # Addresses and logs as plain lines, so they stay copyable at any terminal width.
@@ -715,9 +831,14 @@ class Stack:
             table.add_row(component, f"[green]{status}[/green]", pid)
         self.console.print(table)
         count = len(self._children)
+        gateway = ""
+        if self._gateway is not None:
+            gateway = (
+                f"REST gateway at {gateway_url(self._gateway.port)} (docs: {gateway_url(self._gateway.port)}/docs); "
+            )
         self.console.print(
             f"[bold green]✓ Tessera is ready[/bold green] in {time.monotonic() - self._t0:.1f}s: "
-            f"{count} service{'s' if count != 1 else ''} SERVING; "
+            f"{count} service{'s' if count != 1 else ''} SERVING; {escape(gateway)}"
             f"state in {escape(self._rel(stack_file(self.home)))}. Press Ctrl-C to stop.",
             soft_wrap=True,
         )
@@ -726,11 +847,11 @@ class Stack:
 
     def _supervise(self) -> int:
         while True:
-            for child in self._children:
+            for child in self._running_children():
                 code = child.proc.poll()
                 if code is not None:
                     self.console.print(
-                        f"[red]✗ {child.spec.name} {_exit_description(code)}; last lines of "
+                        f"[red]✗ {child.name} {_exit_description(code)}; last lines of "
                         f"{escape(self._rel(child.log_path))}:[/red]",
                         soft_wrap=True,
                     )
@@ -750,8 +871,12 @@ class Stack:
                     return 1
             time.sleep(0.25)
 
+    def _running_children(self) -> list[_Child]:
+        """The gateway (if started), then the services."""
+        return ([self._gateway] if self._gateway is not None else []) + self._children
+
     def _follow(self, child: _Child) -> None:
-        prefix = f"{child.spec.name} | "
+        prefix = f"{child.name} | "
         with child.log_path.open("rb") as log:
             log.seek(child.log_offset)
             pending = b""
@@ -777,7 +902,10 @@ class Stack:
             self._stop_requested_at = time.monotonic()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._note_force)
-        self._stop_children()
+        # The gateway first: it must not keep accepting requests for services that are going away.
+        if self._gateway is not None:
+            self._stop_children([self._gateway])
+        self._stop_children(self._children)
         self._stop_followers.set()
         for thread in self._followers:
             thread.join(timeout=2)
@@ -797,22 +925,24 @@ class Stack:
             self.console.print("[bold]stack stopped[/bold]")
             self._state = None
 
-    def _stop_children(self) -> None:
-        alive = [child for child in self._children if child.proc.poll() is None]
+    def _stop_children(self, children: Sequence[_Child]) -> None:
+        alive = [child for child in children if child.proc.poll() is None]
         if not alive:
             return
-        self.console.print(f"[bold blue]→[/bold blue] stopping {', '.join(child.spec.name for child in alive)}…")
+        self.console.print(f"[bold blue]→[/bold blue] stopping {', '.join(child.name for child in alive)}…")
         for child in alive:
             with contextlib.suppress(psutil.Error):
                 child.descendants = psutil.Process(child.proc.pid).children(recursive=True)
             with contextlib.suppress(ProcessLookupError):
                 child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.shutdown_grace_seconds + 5
+        killed: list[_Child] = []
         while any(child.proc.poll() is None for child in alive):
             if self._force or time.monotonic() > deadline:
                 for child in alive:
                     if child.proc.poll() is None:
-                        self.console.print(f"  [yellow]![/yellow] {child.spec.name} did not stop in time: SIGKILL")
+                        self.console.print(f"  [yellow]![/yellow] {child.name} did not stop in time: SIGKILL")
+                        killed.append(child)
                         child.proc.kill()
                         child.proc.wait(5)
                 break
@@ -822,8 +952,11 @@ class Stack:
                 with contextlib.suppress(psutil.Error):
                     proc.kill()
             code = child.proc.returncode
-            mark = "[green]✓[/green]" if code == 0 else "[yellow]![/yellow]"
-            self.console.print(f"  {mark} {child.spec.name} stopped ({_exit_description(code)})")
+            # uvicorn (the gateway) re-raises the SIGTERM it handled once it has shut down cleanly.
+            clean = code == 0 or (code == -signal.SIGTERM and child.spec is None and child not in killed)
+            mark = "[green]✓[/green]" if clean else "[yellow]![/yellow]"
+            how = "shut down on SIGTERM" if clean and code != 0 else _exit_description(code)
+            self.console.print(f"  {mark} {child.name} stopped ({how})")
 
     def _kill_stray_descendants(self) -> None:
         """Last resort: nothing this process started may outlive it."""

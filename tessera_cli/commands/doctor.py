@@ -1,13 +1,13 @@
 """`tessera doctor`: what is reachable, what is misconfigured; exits non-zero unless the stack is ready.
 
 Addresses come from the running local stack (TESSERA_HOME/stack.json) when there is one, else from
-the environment (TESSERA_DATABASE_URL, TESSERA_NATS_URL, TESSERA_<SERVICE>_PORT on 127.0.0.1).
+the environment (TESSERA_DATABASE_URL, TESSERA_NATS_URL, TESSERA_<SERVICE>_PORT and TESSERA_GATEWAY_PORT
+on 127.0.0.1). The REST gateway is ready when its `/readyz` answers 200.
 """
 
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,8 @@ from tessera_cli.stack import (
     StackError,
     StackState,
     connect_nats,
+    gateway_url,
+    http_status,
     live_state,
     redact_url,
     service_names,
@@ -187,19 +189,18 @@ async def check_service(spec: ServiceSpec, address: str | None, source: str) -> 
     return [Finding(spec.name, "health", status == "SERVING", f"{status} at {address} ({source})")]
 
 
-async def check_gateway(gateway: GatewaySpec, port: int) -> list[Finding]:
-    """The gateway answers its health endpoint with 200."""
-    url = f"http://{SERVICE_HOST}:{port}{gateway.health_path}"
-
-    def probe() -> int:
-        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:  # a fixed http://127.0.0.1 URL
-            return int(response.status)
-
-    try:
-        status = await asyncio.to_thread(probe)
-    except OSError as exc:
-        return [Finding("gateway", "health", False, f"{url}: {exc}")]
-    return [Finding("gateway", "health", status == 200, f"HTTP {status} at {url}")]
+async def check_gateway(gateway: GatewaySpec, base_url: str | None, source: str) -> list[Finding]:
+    """The gateway answers its readiness endpoint (`/readyz`: every backend SERVING) with 200."""
+    if base_url is None:
+        return [Finding(gateway.name, "health", False, source)]
+    url = base_url + gateway.health_path
+    status, detail = await asyncio.to_thread(http_status, url, timeout=TIMEOUT)
+    if status is None:
+        return [Finding(gateway.name, "health", False, f"{url} ({source}): {detail}")]
+    shown = f"HTTP {status} at {url} ({source})"
+    if status != 200:
+        shown += f": {' '.join(detail.split())[:200]}"
+    return [Finding(gateway.name, "health", status == 200, shown)]
 
 
 async def diagnose(settings: CliSettings, state: StackState | None) -> list[Finding]:
@@ -212,6 +213,7 @@ async def diagnose(settings: CliSettings, state: StackState | None) -> list[Find
         running = {record.name: record.address for record in state.services}
         addresses = {spec.name: running.get(spec.name) for spec in SERVICES}
         missing_source = "not started by this `tessera up` (--no-services?)"
+        gateway = state.gateway.url if state.gateway else None
     else:
         source = "environment"
         db_url, nats_url = settings.database_url, settings.nats_url
@@ -219,6 +221,7 @@ async def diagnose(settings: CliSettings, state: StackState | None) -> list[Find
             spec.name: f"{SERVICE_HOST}:{settings.port_for(spec.name, spec.default_port)}" for spec in SERVICES
         }
         missing_source = ""
+        gateway = gateway_url(settings.gateway_port)
     checks: list[Awaitable[list[Finding]]] = [
         _bounded(
             "reachable",
@@ -240,7 +243,9 @@ async def diagnose(settings: CliSettings, state: StackState | None) -> list[Find
         ),
     ]
     if GATEWAY is not None:
-        checks.append(_bounded("health", check_gateway(GATEWAY, settings.gateway_port), "gateway"))
+        checks.append(
+            _bounded("health", check_gateway(GATEWAY, gateway, source if gateway else missing_source), GATEWAY.name)
+        )
     results = await asyncio.gather(*checks)
     return [finding for group in results for finding in group]
 
@@ -262,7 +267,7 @@ def _render(findings: list[Finding]) -> None:
 
 
 def doctor(home: Annotated[Path | None, HomeOption] = None) -> None:
-    """Check settings, database, NATS and every service; exit 1 unless the whole stack is ready."""
+    """Check settings, database, NATS, every service and the gateway; exit 1 unless the whole stack is ready."""
     findings: list[Finding] = []
     try:
         settings = load_cli_settings(service_names(), home=home)

@@ -20,12 +20,14 @@ def findings(output: str) -> dict[tuple[str, str], tuple[str, str]]:
 
 def test_doctor_names_an_unreachable_nats_and_still_checks_the_database(run_cli: RunCli, admin_url: str) -> None:
     closed = free_port()
+    gateway_port = free_port()
     result = run_cli(
         "doctor",
         TESSERA_DATABASE_URL=admin_url,
         TESSERA_NATS_URL=f"nats://127.0.0.1:{closed}",
         TESSERA_TENANCY_PORT=str(free_port()),
         TESSERA_IDENTITY_PORT=str(free_port()),
+        TESSERA_GATEWAY_PORT=str(gateway_port),
     )
     assert result.returncode == 1, result.stdout + result.stderr
     report = findings(result.stdout)
@@ -33,7 +35,7 @@ def test_doctor_names_an_unreachable_nats_and_still_checks_the_database(run_cli:
     assert status == "✗ problem"
     assert f"nats://127.0.0.1:{closed}" in detail
     assert "unreachable" in detail
-    assert "not ready: 3 problem(s): nats reachable, identity health, tenancy health" in result.stdout
+    assert "not ready: 4 problem(s): nats reachable, identity health, tenancy health, gateway health" in result.stdout
     # Each component is checked on its own: the database part is fine and reported as such.
     assert report[("database", "reachable")][0] == "✓ ok"
     assert report[("database", "migrations")][0] == "✓ ok"
@@ -44,6 +46,10 @@ def test_doctor_names_an_unreachable_nats_and_still_checks_the_database(run_cli:
     assert report[("database", "role tessera_identity")][0] == "✓ ok"
     assert report[("tenancy", "health")][0] == "✗ problem"  # nothing listens on the tenancy port
     assert report[("identity", "health")][0] == "✗ problem"
+    # The gateway is part of "ready": nothing answers its readiness endpoint on the configured port.
+    status, detail = report[("gateway", "health")]
+    assert status == "✗ problem"
+    assert f"http://127.0.0.1:{gateway_port}/readyz (environment): unreachable" in detail
     assert "Traceback" not in result.stdout + result.stderr
 
 

@@ -1,4 +1,4 @@
-"""`tessera up` on a fresh machine: embedded PostgreSQL and NATS, migrations, every service, clean stop."""
+"""`tessera up` on a fresh machine: embedded PostgreSQL and NATS, migrations, every service, the gateway, clean stop."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,7 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tessera.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
 from tessera.tenancy.v1 import tenancy_pb2, tenancy_service_pb2, tenancy_service_pb2_grpc
 from tessera_cli.embedded import free_port
-from tessera_cli.stack import SERVICES, STACK_FILE
+from tessera_cli.settings import GATEWAY_PORT_ENV
+from tessera_cli.stack import GATEWAY, SERVICES, STACK_FILE
 
 pytestmark = pytest.mark.gate("S01")
 
@@ -31,13 +33,21 @@ STOP_DEADLINE = 60.0
 
 
 def fresh_machine_env(home: Path, ports: dict[str, int]) -> dict[str, str]:
-    """The environment of a machine without configured servers: every TESSERA_* variable is ours."""
+    """The environment of a machine without configured servers: every TESSERA_* variable is ours.
+
+    ports names every service and "gateway" (TESSERA_GATEWAY_PORT), each on a free port.
+    """
     env = {key: value for key, value in os.environ.items() if not key.startswith("TESSERA_")}
     env["TESSERA_HOME"] = str(home)
     env["TESSERA_EMBEDDED_FAST"] = "1"  # fsync off: same code path, faster on CI disks
     for name, port in ports.items():
         env[f"TESSERA_{name.upper()}_PORT"] = str(port)
     return env
+
+
+def free_ports() -> dict[str, int]:
+    """A free port for every service and for the gateway."""
+    return {spec.name: free_port() for spec in SERVICES} | {"gateway": free_port()}
 
 
 async def wait_for_ready_state(proc: subprocess.Popen[bytes], home: Path, output: Path) -> dict[str, Any]:
@@ -82,9 +92,9 @@ async def wait_for_exit(proc: subprocess.Popen[bytes]) -> float:
 
 
 def recorded_pids(state: dict[str, Any]) -> list[int]:
-    """Every pid stack.json records: tessera up itself, PostgreSQL, NATS, each service."""
+    """Every pid stack.json records: tessera up itself, PostgreSQL, NATS, each service, the gateway."""
     pids = [state["up"]["pid"], state["database"]["process"]["pid"], state["nats"]["process"]["pid"]]
-    return pids + [service["process"]["pid"] for service in state["services"]]
+    return pids + [service["process"]["pid"] for service in state["services"]] + [state["gateway"]["process"]["pid"]]
 
 
 async def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -95,7 +105,7 @@ async def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProces
 
 async def test_up_serves_every_service_and_stops_without_leftovers(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    ports = {spec.name: free_port() for spec in SERVICES}
+    ports = free_ports()
     env = fresh_machine_env(home, ports)
     output = tmp_path / "up.out"
     started = time.monotonic()
@@ -121,9 +131,27 @@ async def test_up_serves_every_service_and_stops_without_leftovers(tmp_path: Pat
                     response = await health.Check(health_pb2.HealthCheckRequest(service=service_name), timeout=5)
                     assert response.status == health_pb2.HealthCheckResponse.SERVING, service_name
 
-        doctor = await run_cli("doctor", env=env)
+        # The gateway runs on its configured port, recorded in stack.json, and is ready.
+        base = f"http://127.0.0.1:{ports['gateway']}"
+        assert state["gateway"]["url"] == base
+        assert state["gateway"]["address"] == f"127.0.0.1:{ports['gateway']}"
+        assert Path(state["gateway"]["log"]) == home / "logs" / "gateway.log"
+        assert f"{base}/docs" in text
+        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+            healthz = await http.get("/healthz")
+            assert healthz.status_code == 200, healthz.text
+            readyz = await http.get("/readyz")
+            assert readyz.status_code == 200, readyz.text
+            assert set(readyz.json()["services"].values()) == {"SERVING"}
+            document = await http.get("/openapi.json")
+            assert document.status_code == 200
+            assert document.headers["content-type"].startswith("application/json")
+            assert document.json()["openapi"].startswith("3.1.")
+
+        doctor = await run_cli("doctor", env=env | {"COLUMNS": "400"})  # one line per table row
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
         assert "everything is ready" in doctor.stdout
+        assert f"HTTP 200 at {base}/readyz" in doctor.stdout
 
         # A real request through the whole path, with real auth: sign up and in at identity, create
         # a workspace, exchange the session for a workspace token (identity asks tenancy for the
@@ -164,10 +192,34 @@ async def test_up_serves_every_service_and_stops_without_leftovers(tmp_path: Pat
         assert fetched.workspace.name == created.workspace.name
         assert fetched.workspace.display_name == "Smoke test"
 
+        # The same flow over HTTP/JSON through the gateway, as a frontend does it.
+        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+            email, password = "rest.user@example.com", "rest staple horse battery 8"  # test credentials
+            signed_up = await http.post(
+                "/v1/users:signUp", json={"email": email, "password": password, "displayName": "Rest"}
+            )
+            assert signed_up.status_code == 200, signed_up.text
+            rest_signed_in = await http.post("/v1/sessions:signIn", json={"email": email, "password": password})
+            assert rest_signed_in.status_code == 200, rest_signed_in.text
+            bearer = {"authorization": f"Bearer {rest_signed_in.json()['tokens']['accessToken']}"}
+            anonymous_list = await http.get("/v1/workspaces")
+            assert anonymous_list.status_code == 401, anonymous_list.text
+            rest_created = await http.post("/v1/workspaces", json={"displayName": "Rest smoke"}, headers=bearer)
+            assert rest_created.status_code == 200, rest_created.text
+            workspace = rest_created.json()["workspace"]
+            assert workspace["name"].startswith("workspaces/")
+            assert workspace["displayName"] == "Rest smoke"
+            listed = await http.get("/v1/workspaces", headers=bearer)
+            assert listed.status_code == 200, listed.text
+            names = [item["name"] for item in listed.json()["workspaces"]]
+            assert workspace["name"] in names
+            assert created.workspace.name not in names  # the gRPC user's workspace is not this user's
+
         family = psutil.Process(proc.pid).children(recursive=True)
         pids = recorded_pids(state)
         assert pids[0] == proc.pid
         assert set(pids[1:]) <= {child.pid for child in family}
+        gateway_pid = state["gateway"]["process"]["pid"]
 
         proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal does
         stopped_after = await wait_for_exit(proc)
@@ -179,19 +231,23 @@ async def test_up_serves_every_service_and_stops_without_leftovers(tmp_path: Pat
     assert "stack stopped" in text
     assert not (home / STACK_FILE).exists()
     assert_no_leftovers(family, pids)
+    assert not psutil.pid_exists(gateway_pid) or psutil.Process(gateway_pid).status() == psutil.STATUS_ZOMBIE
+    # The gateway stops first, before the services it forwards to.
+    assert text.index("gateway stopped") < min(text.index(f"{spec.name} stopped") for spec in SERVICES)
     print(f"tessera up: ready after {ready_after:.1f}s, stopped {stopped_after:.1f}s after SIGINT")
 
 
-async def test_up_stops_the_stack_and_fails_when_a_service_dies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("victim_kind", ["service", "gateway"])
+async def test_up_stops_the_stack_and_fails_when_a_child_dies(tmp_path: Path, victim_kind: str) -> None:
     home = tmp_path / "home"
-    env = fresh_machine_env(home, {spec.name: free_port() for spec in SERVICES})
+    env = fresh_machine_env(home, free_ports())
     output = tmp_path / "up.out"
     with output.open("wb") as out:
         proc = subprocess.Popen([TESSERA, "up"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         state = await wait_for_ready_state(proc, home, output)
         family = psutil.Process(proc.pid).children(recursive=True)
-        victim = state["services"][0]
+        victim = state["services"][0] if victim_kind == "service" else {"name": "gateway", **state["gateway"]}
         os.kill(victim["process"]["pid"], signal.SIGKILL)
         await wait_for_exit(proc)
     finally:
@@ -212,7 +268,7 @@ def test_up_refuses_a_configured_port_that_is_taken(tmp_path: Path) -> None:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        ports = {other.name: free_port() for other in SERVICES} | {spec.name: taken}
+        ports = free_ports() | {spec.name: taken}
         result = subprocess.run(
             [TESSERA, "up"], env=fresh_machine_env(home, ports), capture_output=True, text=True, timeout=60
         )
@@ -223,4 +279,26 @@ def test_up_refuses_a_configured_port_that_is_taken(tmp_path: Path) -> None:
     # Nothing was started: no database or broker directory, no stack file.
     assert not (home / "postgres").exists()
     assert not (home / "nats").exists()
+    assert not (home / STACK_FILE).exists()
+
+
+def test_up_refuses_a_gateway_port_that_is_taken(tmp_path: Path) -> None:
+    assert GATEWAY is not None
+    home = tmp_path / "home"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        result = subprocess.run(
+            [TESSERA, "up", "--port", f"gateway={taken}"],
+            env=fresh_machine_env(home, free_ports()),  # TESSERA_GATEWAY_PORT is free: --port wins
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f"port {taken} for gateway is already in use" in output
+    assert GATEWAY_PORT_ENV in output
+    assert not (home / "postgres").exists()
     assert not (home / STACK_FILE).exists()
