@@ -89,17 +89,21 @@ def run_h2load(
     label: str,
     port: int,
     headers: list[str],
-    body: Path,
+    body: Path | None,
     concurrency: int,
     seconds: float,
     tmp: Path,
     service: psutil.Process,
+    *,
+    path: str = METHOD,
+    http1: bool = False,
 ) -> Result:
+    """One h2load segment: gRPC (a POST of `body` over HTTP/2) or, with `http1`, plain HTTP/1.1 requests."""
     log = tmp / f"h2load-{uuid.uuid4().hex[:8]}.log"
     header_args = [arg for header in headers for arg in ("-H", header)]
     cmd = [
         "h2load",
-        f"http://127.0.0.1:{port}{METHOD}",
+        f"http://127.0.0.1:{port}{path}",
         "-c",
         str(concurrency),
         "-m",
@@ -109,12 +113,8 @@ def run_h2load(
         "-D",
         str(round(seconds)),
         "--warm-up-time=2",
-        "-d",
-        str(body),
-        "-H",
-        "content-type: application/grpc",
-        "-H",
-        "te: trailers",
+        *(["--h1"] if http1 else []),
+        *(["-d", str(body), "-H", "content-type: application/grpc", "-H", "te: trailers"] if body else []),
         *header_args,
         "--log-file",
         str(log),
