@@ -300,32 +300,17 @@ def main() -> None:
         body.write_bytes(grpc_frame(tenancy_service_pb2.GetWorkspaceRequest(name=caller.workspace).SerializeToString()))
         results: list[Result] = []
         for c in args.concurrency:
-            # Interleaved rounds: machine drift hits the three paths alike instead of one of them.
-            for _ in range(args.rounds):
-                results.append(
-                    run_h2load(
-                        AUTH_ON,
-                        ports["tenancy"],
-                        caller.bearer_headers(),
-                        body,
-                        c,
-                        args.seconds,
-                        tmp,
-                        processes["tenancy"],
-                    )
-                )
-                results.append(
-                    run_h2load(
-                        AUTH_OFF,
-                        ports["tenancy_open"],
-                        caller.development_headers(),
-                        body,
-                        c,
-                        args.seconds,
-                        tmp,
-                        processes["tenancy_open"],
-                    )
-                )
+            # Interleaved rounds, alternating which RPC path goes first: machine drift and order effects
+            # hit the paths alike instead of one of them.
+            for round_number in range(args.rounds):
+                segments = [
+                    (AUTH_ON, ports["tenancy"], caller.bearer_headers(), processes["tenancy"]),
+                    (AUTH_OFF, ports["tenancy_open"], caller.development_headers(), processes["tenancy_open"]),
+                ]
+                if round_number % 2:
+                    segments.reverse()
+                for label, port, headers, process in segments:
+                    results.append(run_h2load(label, port, headers, body, c, args.seconds, tmp, process))
                 results.append(run_raw(tenancy_url, ws_id, c, args.seconds))
         print_report(results)
     finally:
