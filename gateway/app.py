@@ -170,12 +170,9 @@ class Gateway:
         except TranscodeError as exc:
             return errors.bad_request(str(exc), field=exc.field, request_id=request_id)
         self._apply_idempotency_key(request, message)
-        try:
-            metadata = await self._metadata(request, request_id, match)
-        except grpc.aio.AioRpcError as exc:
-            return errors.rpc_error_response(exc, request_id=request_id)
-        except BrowserHttpError as exc:
-            return exc.response(request_id)
+        metadata = await self._metadata_or_error(request, request_id, match)
+        if isinstance(metadata, Response):
+            return metadata
         timeout = self._timeout(request, streaming=route.rpc.server_streaming)
         if route.rpc.server_streaming:
             return await self._stream(request, route, message, metadata, timeout, request_id)
@@ -189,14 +186,22 @@ class Gateway:
             and self.forget_token is not None
             and self.forget_token(request, workspace_id)
         ):
-            try:
-                metadata = await self._metadata(request, request_id, match)
-            except grpc.aio.AioRpcError as exc:
-                return errors.rpc_error_response(exc, request_id=request_id)
-            except BrowserHttpError as exc:
-                return exc.response(request_id)
+            metadata = await self._metadata_or_error(request, request_id, match)
+            if isinstance(metadata, Response):
+                return metadata
             response = await self._unary(route, message, metadata, timeout, request_id)
         return response
+
+    async def _metadata_or_error(
+        self, request: Request, request_id: str, match: RouteMatch
+    ) -> list[tuple[str, str]] | Response:
+        """The outgoing metadata, or the error response when the caller's credentials cannot be resolved."""
+        try:
+            return await self._metadata(request, request_id, match)
+        except grpc.aio.AioRpcError as exc:  # the workspace-token exchange failed (e.g. not a member)
+            return errors.rpc_error_response(exc, request_id=request_id)
+        except BrowserHttpError as exc:  # CSRF, or a malformed Authorization header
+            return exc.response(request_id)
 
     def _apply_idempotency_key(self, request: Request, message: Any) -> None:
         key = request.headers.get(IDEMPOTENCY_HEADER)
