@@ -114,6 +114,7 @@ class EmbeddedPostgres:
     data_dir: Path
     port: int = 0
     host: str = "127.0.0.1"
+    fsync: bool = True  # off only for throwaway data (tests): faster on slow disks, unsafe on a crash
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -174,7 +175,7 @@ class EmbeddedPostgres:
                 "-c",
                 "max_connections=300",
                 "-c",
-                "fsync=off" if os.environ.get("TESSERA_EMBEDDED_FAST") == "1" else "fsync=on",
+                "fsync=on" if self.fsync else "fsync=off",
                 "-c",
                 "shared_buffers=128MB",
             ],

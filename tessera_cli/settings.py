@@ -50,6 +50,9 @@ class CliSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     startup_timeout_seconds: float = Field(default=90.0, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
+    embedded_fast: bool = Field(
+        default=False, description="TESSERA_EMBEDDED_FAST=1: embedded PostgreSQL without fsync (throwaway data only)"
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -534,7 +534,7 @@ class Stack:
             pg_dir = self.home / "postgres"
             self._stop_leftover_postmaster(pg_dir / "pgdata")
             with self._step(f"starting embedded PostgreSQL (data in {self._rel(pg_dir)})"):
-                self._pg = EmbeddedPostgres(pg_dir)
+                self._pg = EmbeddedPostgres(pg_dir, fsync=not self.settings.embedded_fast)
                 try:
                     self._pg.start(timeout=self.settings.startup_timeout_seconds)
                 except EmbeddedServerError as exc:
