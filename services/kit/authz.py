@@ -34,6 +34,7 @@ PERMISSIONS: tuple[str, ...] = (
     "members.manage",
     "apikeys.manage",
     "audit.read",
+    "projects.manage",
     "items.read",
     "items.write",
     "billing.read",

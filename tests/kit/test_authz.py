@@ -32,6 +32,7 @@ EVERYTHING = {
     "members.manage",
     "apikeys.manage",
     "audit.read",
+    "projects.manage",  # create and reconfigure projects (workflows, custom fields): owners and admins
     "items.read",
     "items.write",
     "billing.read",
