@@ -26,6 +26,7 @@ check:
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/tessera migrate round-trip
+	$(BIN)/tessera migrate lint
 	$(BIN)/pytest
 
 test: install

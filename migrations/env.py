@@ -1,75 +1,78 @@
 """Alembic environment of Tessera.
 
-`migrations.runner` passes an open connection (already `SET ROLE tessera_owner`, inside a transaction
-holding the migration advisory lock) in `config.attributes["connection"]`. Without one (the plain
-`alembic -c migrations/alembic.ini -x url=postgresql://... upgrade head` command line) this file opens
-its own asyncpg connection and does the same. Offline mode (`--sql`) prints the SQL instead.
+`migrations.runner` passes an open connection in `config.attributes["connection"]`: a migration session
+(ADR 0009) that holds the migration advisory lock, is `SET ROLE tessera_owner` and has its
+`lock_timeout`/`statement_timeout`, outside any transaction. Each revision runs in its own transaction
+(`transaction_per_migration`); a revision may commit early with `op.get_context().autocommit_block()`.
+Without a connection (the plain `alembic -c migrations/alembic.ini -x url=postgresql://... upgrade head`
+command line) this file opens the same kind of session through the runner. Offline mode (`--sql`)
+prints the SQL the session would run, session statements included: `tessera migrate lint` reads it.
 The version table is `tessera_meta.alembic_version`.
 """
 
 from __future__ import annotations
 
-import asyncio
+from typing import Any
 
-import sqlalchemy as sa
 from alembic import context
-from sqlalchemy import pool
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
-OWNER_ROLE = "tessera_owner"
-META_SCHEMA = "tessera_meta"
-MIGRATION_LOCK_KEY = 0x7E55E2A_0001
+from migrations import online, runner
 
 config = context.config
+
+_COMMON: dict[str, Any] = {
+    "version_table_schema": runner.META_SCHEMA,
+    "transactional_ddl": True,
+    "transaction_per_migration": True,
+}
+
+
+def _options() -> runner.MigrationOptions:
+    configured = config.attributes.get(runner.RUN_OPTIONS_ATTRIBUTE)
+    if isinstance(configured, runner.MigrationOptions):
+        return configured
+    arguments = context.get_x_argument(as_dictionary=True)
+    defaults = runner.MigrationOptions()
+    return runner.MigrationOptions(
+        lock_timeout=arguments.get("lock_timeout", defaults.lock_timeout),
+        statement_timeout=arguments.get("statement_timeout", defaults.statement_timeout),
+        batch_size=int(arguments.get("batch_size", defaults.batch_size)),
+        batch_timeout=arguments.get("batch_timeout", defaults.batch_timeout),
+    )
 
 
 def _url() -> str:
     url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option("sqlalchemy.url")
     if not url:
         raise RuntimeError("no database URL: use migrations.runner, or pass -x url=postgresql://...")
-    scheme, rest = url.split("://", 1)
-    return f"postgresql+asyncpg://{rest}" if scheme in ("postgresql", "postgres") else url
+    return url
 
 
 def run_migrations_offline() -> None:
-    """Emit the migration SQL to stdout (`alembic ... --sql`)."""
-    context.configure(
-        url=_url(),
-        literal_binds=True,
-        dialect_opts={"paramstyle": "named"},
-        version_table_schema=META_SCHEMA,
-        transactional_ddl=True,
-    )
+    """Emit the SQL of a migration session to the output (`alembic ... --sql`, `tessera migrate lint`)."""
+    context.configure(dialect_name="postgresql", literal_binds=True, dialect_opts={"paramstyle": "named"}, **_COMMON)
+    context.execute(f"SELECT pg_advisory_lock({runner.MIGRATION_LOCK_KEY})")
+    for statement in _options().session_statements():
+        context.execute(statement)
     with context.begin_transaction():
-        context.execute(f"SET LOCAL ROLE {OWNER_ROLE}")
         context.run_migrations()
+    context.execute("RESET ROLE")
+    context.execute(f"SELECT pg_advisory_unlock({runner.MIGRATION_LOCK_KEY})")
 
 
 def _run_on(connection: Connection) -> None:
-    context.configure(connection=connection, version_table_schema=META_SCHEMA, transactional_ddl=True)
+    context.configure(connection=connection, **_COMMON)
     with context.begin_transaction():
         context.run_migrations()
 
 
-async def _run_standalone() -> None:
-    engine = create_async_engine(_url(), poolclass=pool.NullPool)
-    try:
-        async with engine.connect() as conn:
-            await conn.begin()
-            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-            await conn.execute(sa.text(f"SET LOCAL ROLE {OWNER_ROLE}"))
-            await conn.run_sync(_run_on)
-            await conn.commit()
-    finally:
-        await engine.dispose()
-
-
 def run_migrations_online() -> None:
-    """Run the migrations on the connection the runner passed in, or on a connection of our own."""
+    """Run the migrations on the runner's session, or on a migration session of our own."""
     connection = config.attributes.get("connection")
     if connection is None:
-        asyncio.run(_run_standalone())
+        config.attributes.setdefault(online.OPTIONS_ATTRIBUTE, _options().online())
+        runner.run_in_migration_session(_url(), _run_on, _options())
     else:
         _run_on(connection)
 

@@ -1,4 +1,4 @@
-"""Run the Alembic migrations: bootstrap the roles, upgrade, downgrade and the round trip check.
+"""Run the Alembic migrations: bootstrap the roles, upgrade, downgrade, the round trip check and the lint.
 
 Roles (cluster-wide, shared by every database on the server):
 - `tessera_owner` (NOLOGIN, no superuser, no BYPASSRLS) owns every schema, table and policy. The admin
@@ -6,6 +6,13 @@ Roles (cluster-wide, shared by every database on the server):
   nothing a migration creates is owned by the admin.
 - `tessera_<service>` (LOGIN, NOINHERIT, no superuser, no BYPASSRLS, owns nothing) is the role each
   service logs in with; a migration grants it what it needs on its own schema only.
+
+A run (ADR 0009) is one admin session: it takes the session-level advisory lock `MIGRATION_LOCK_KEY`
+(polling, so a waiting migrator holds no snapshot that a concurrent index build would wait for), sets
+`ROLE tessera_owner`, `lock_timeout` and `statement_timeout` for the session, then applies each pending
+revision in its own transaction. A revision may commit part of its work early with
+`op.get_context().autocommit_block()` (batched backfills, `CREATE INDEX CONCURRENTLY`, `VALIDATE
+CONSTRAINT`); see migrations/online.py.
 
 The Alembic version table lives in the schema `tessera_meta` (owned by `tessera_owner`). Every entry
 point here is synchronous (the CLI and the test fixtures call it); the work runs on asyncpg through
@@ -18,7 +25,7 @@ import asyncio
 import concurrent.futures
 import logging
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,15 +38,25 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
+from migrations.online import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BATCH_TIMEOUT,
+    OPTIONS_ATTRIBUTE,
+    BackfillProgress,
+    OnlineOptions,
+    check_duration,
+)
 from services.kit.db import with_user
 
-SERVICES: tuple[str, ...] = ("tenancy", "identity")
+SERVICES: tuple[str, ...] = ("tenancy", "identity", "workflow")
 OWNER_ROLE = "tessera_owner"
 META_SCHEMA = "tessera_meta"
 VERSION_TABLE = "alembic_version"
+RUN_OPTIONS_ATTRIBUTE = "tessera.migration_options"
 SCRIPT_LOCATION = Path(__file__).resolve().parent
 # Serialises concurrent `upgrade`/`downgrade` runs on one database (advisory locks are per database).
 MIGRATION_LOCK_KEY = 0x7E55E2A_0001
+LOCK_POLL_SECONDS = 0.2
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,21 +95,134 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return executor.submit(asyncio.run, coro).result()
 
 
-async def _with_connection(admin_url: str, work: Callable[[Connection], T], *, as_owner: bool, lock: bool) -> T:
+async def _with_connection(admin_url: str, work: Callable[[Connection], T]) -> T:
     """Open one admin connection and run `work(sync_connection)` in one transaction, then commit."""
     engine = create_async_engine(_async_url(admin_url), poolclass=pool.NullPool)
     try:
         async with engine.connect() as conn:
             await conn.begin()
-            if lock:
-                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-            if as_owner:
-                await conn.execute(sa.text(f"SET LOCAL ROLE {OWNER_ROLE}"))
             result = await conn.run_sync(work)
             await conn.commit()
             return result
     finally:
         await engine.dispose()
+
+
+@dataclass(frozen=True, slots=True)
+class LockWait:
+    """The migration lock is held by another session: this run waits for it."""
+
+    holder_pid: int | None
+
+    def __str__(self) -> str:
+        holder = f"backend pid {self.holder_pid}" if self.holder_pid else "another session"
+        return f"waiting for the migration lock, held by {holder} (another `tessera migrate` run)"
+
+
+Progress = BackfillProgress | LockWait
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationOptions:
+    """How a run behaves: session timeouts, backfill batches, where progress goes (default: the log)."""
+
+    lock_timeout: str = "5s"
+    statement_timeout: str = "60s"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_timeout: str = DEFAULT_BATCH_TIMEOUT
+    progress: Callable[[Progress], None] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        check_duration(self.lock_timeout, name="lock_timeout")
+        check_duration(self.statement_timeout, name="statement_timeout")
+        self.online()  # validates batch_size and batch_timeout
+
+    def report(self, event: Progress) -> None:
+        if self.progress is not None:
+            self.progress(event)
+        else:
+            log.info("%s", event)
+
+    def online(self) -> OnlineOptions:
+        return OnlineOptions(batch_size=self.batch_size, batch_timeout=self.batch_timeout, progress=self.report)
+
+    def session_statements(self) -> list[str]:
+        """What a migration session runs after taking the lock (also printed by offline `--sql` runs)."""
+        return [
+            f"SET ROLE {OWNER_ROLE}",
+            f"SET lock_timeout = '{self.lock_timeout}'",
+            f"SET statement_timeout = '{self.statement_timeout}'",
+        ]
+
+
+_LOCK_HOLDER = """
+SELECT pid FROM pg_catalog.pg_locks
+WHERE locktype = 'advisory' AND granted AND objsubid = 1
+  AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+  AND classid::bigint = :classid AND objid::bigint = :objid
+LIMIT 1
+"""
+
+
+async def _acquire_migration_lock(conn: AsyncConnection, options: MigrationOptions) -> None:
+    """Take the session-level migration lock, polling: a blocked `pg_advisory_lock` call would hold a
+    snapshot, and `CREATE INDEX CONCURRENTLY` in the running migration would wait for it (deadlock)."""
+    reported = False
+    while True:
+        acquired = (
+            await conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        ).scalar_one()
+        holder = None
+        if not acquired and not reported:
+            # A bigint advisory key shows in pg_locks as its high (classid) and low (objid) 32 bits.
+            key = {"classid": MIGRATION_LOCK_KEY >> 32, "objid": MIGRATION_LOCK_KEY & 0xFFFFFFFF}
+            holder = (await conn.execute(sa.text(_LOCK_HOLDER), key)).scalar_one_or_none()
+        await conn.commit()
+        if acquired:
+            return
+        if not reported:
+            options.report(LockWait(holder))
+            reported = True
+        await asyncio.sleep(LOCK_POLL_SECONDS)
+
+
+async def _release_migration_lock(conn: AsyncConnection) -> None:
+    """Give the lock back and leave the owner role (closing the session would release them as well)."""
+    try:
+        await conn.rollback()
+        await conn.execute(sa.text("RESET ROLE"))
+        await conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        await conn.commit()
+    except sa.exc.SQLAlchemyError as exc:  # a broken session: the server drops its locks when it ends
+        log.warning("could not release the migration lock explicitly (%s); closing the session releases it", exc)
+
+
+async def _migration_session(admin_url: str, work: Callable[[Connection], T], options: MigrationOptions) -> T:
+    """One admin session holding the migration lock, as `tessera_owner`, with the session timeouts.
+
+    `work` gets the connection outside any transaction: Alembic opens one per revision
+    (`transaction_per_migration`) and revisions may commit early in an autocommit block.
+    """
+    engine = create_async_engine(_async_url(admin_url), poolclass=pool.NullPool)
+    try:
+        async with engine.connect() as conn:
+            await _acquire_migration_lock(conn, options)
+            try:
+                for statement in options.session_statements():
+                    await conn.execute(sa.text(statement))
+                await conn.commit()  # SET (not SET LOCAL) outlives the transaction: it is the session's
+                return await conn.run_sync(work)
+            finally:
+                await _release_migration_lock(conn)
+    finally:
+        await engine.dispose()
+
+
+def run_in_migration_session(
+    admin_url: str, work: Callable[[Connection], T], options: MigrationOptions | None = None
+) -> T:
+    """Run `work` in a migration session (what `upgrade`/`downgrade` and the plain alembic CLI use)."""
+    return _run(_migration_session(admin_url, work, options or MigrationOptions()))
 
 
 # --- bootstrap -----------------------------------------------------------------------------------------
@@ -234,8 +364,11 @@ def heads() -> list[str]:
     return list(ScriptDirectory.from_config(alembic_config()).get_heads())
 
 
-def _alembic(admin_url: str, action: str, revision: str) -> None:
+def _alembic(admin_url: str, action: str, revision: str, options: MigrationOptions | None) -> None:
     config = alembic_config()
+    options = options or MigrationOptions()
+    config.attributes[OPTIONS_ATTRIBUTE] = options.online()
+    config.attributes[RUN_OPTIONS_ATTRIBUTE] = options
 
     def work(connection: Connection) -> None:
         config.attributes["connection"] = connection
@@ -244,23 +377,23 @@ def _alembic(admin_url: str, action: str, revision: str) -> None:
         else:
             command.downgrade(config, revision)
 
-    _run(_with_connection(admin_url, work, as_owner=True, lock=True))
+    run_in_migration_session(admin_url, work, options)
 
 
-def upgrade(admin_url: str, revision: str = "head") -> None:
-    """Upgrade the database to `revision`, as `tessera_owner`, in one transaction."""
-    _alembic(admin_url, "upgrade", revision)
+def upgrade(admin_url: str, revision: str = "head", *, options: MigrationOptions | None = None) -> None:
+    """Upgrade the database to `revision`, as `tessera_owner`, one transaction per revision."""
+    _alembic(admin_url, "upgrade", revision, options)
 
 
-def downgrade(admin_url: str, revision: str) -> None:
-    """Downgrade the database to `revision` (`base` removes every Tessera schema), in one transaction."""
-    _alembic(admin_url, "downgrade", revision)
+def downgrade(admin_url: str, revision: str, *, options: MigrationOptions | None = None) -> None:
+    """Downgrade the database to `revision` (`base` removes every Tessera schema), one transaction per revision."""
+    _alembic(admin_url, "downgrade", revision, options)
 
 
-def migrate(admin_url: str, revision: str = "head") -> None:
+def migrate(admin_url: str, revision: str = "head", *, options: MigrationOptions | None = None) -> None:
     """Bootstrap the roles, then upgrade to `revision`: what `tessera migrate` runs."""
     bootstrap(admin_url)
-    upgrade(admin_url, revision)
+    upgrade(admin_url, revision, options=options)
 
 
 def current(admin_url: str) -> str | None:
@@ -272,7 +405,7 @@ def current(admin_url: str) -> str | None:
         )
         return context.get_current_revision()
 
-    return _run(_with_connection(admin_url, work, as_owner=False, lock=False))
+    return _run(_with_connection(admin_url, work))
 
 
 # --- schema snapshot and round trip ----------------------------------------------------------------------
@@ -341,7 +474,7 @@ def schema_snapshot(admin_url: str) -> Snapshot:
             for name, query in _SNAPSHOT_QUERIES.items()
         }
 
-    return _run(_with_connection(admin_url, work, as_owner=False, lock=False))
+    return _run(_with_connection(admin_url, work))
 
 
 def snapshot_diff(before: Snapshot, after: Snapshot) -> list[str]:

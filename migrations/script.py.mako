@@ -4,10 +4,12 @@ Revision ID: ${up_revision}
 Revises: ${down_revision | comma,n}
 Create Date: ${create_date}
 
-Runs as tessera_owner (see migrations/runner.py). Rules: every table with tenant_id gets ENABLE and
-FORCE ROW LEVEL SECURITY and a policy on tessera.tenant_id; grant the service login role only what it
-needs on its own schema; write table definitions out here (never import application code); the
-downgrade must work, and docs/runbooks/migrations.md gets a rollback note if it loses data.
+Runs as tessera_owner in its own transaction (see migrations/runner.py, ADR 0009). Rules: every table
+with tenant_id gets ENABLE and FORCE ROW LEVEL SECURITY and a policy on tessera.tenant_id; grant the
+service login role only what it needs on its own schema; write table definitions out here (never
+import application code); the downgrade must work; `tessera migrate lint` must pass (slow steps in
+op.get_context().autocommit_block(), helpers in migrations/online.py); docs/runbooks/migrations.md
+gets a rollback note if the change touches a table in use or loses data.
 """
 
 from __future__ import annotations

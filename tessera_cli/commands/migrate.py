@@ -4,6 +4,7 @@ The database is `--database-url`, else TESSERA_DATABASE_URL, else the running lo
 (TESSERA_HOME/stack.json). The URL must log in as an admin (superuser, or CREATEROLE and owner of the
 database): the migrations themselves run as the `tessera_owner` role. `round-trip` works on a scratch
 database of that server (or of a temporary embedded PostgreSQL) and never touches an existing one.
+`lint` needs no database: it renders each revision's SQL offline and checks it with squawk.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -22,9 +23,12 @@ from tessera_cli.commands._common import HomeOption, fail, settings_or_exit
 from tessera_cli.embedded import EmbeddedPostgres, EmbeddedServerError
 from tessera_cli.stack import Endpoint, StackError, redact_url, resolve_database_url, scratch_database
 
+if TYPE_CHECKING:
+    from migrations.runner import MigrationOptions, Progress
+
 app = typer.Typer(
     name="migrate",
-    help="Database migrations: up, down, current, round-trip.",
+    help="Database migrations: up, down, current, round-trip, lint.",
     no_args_is_help=True,
 )
 
@@ -40,6 +44,19 @@ DatabaseUrlOption = Annotated[
     ),
 ]
 HomeArg = Annotated[Path | None, HomeOption]
+BatchSizeOption = Annotated[
+    int,
+    typer.Option("--batch-size", min=1, help="Rows per batch of a backfill (each batch commits on its own)."),
+]
+LockTimeoutOption = Annotated[
+    str,
+    typer.Option("--lock-timeout", help="How long a statement may wait for a lock before the run fails, e.g. 5s."),
+]
+StatementTimeoutOption = Annotated[
+    str, typer.Option("--statement-timeout", help="Longest statement of the run (backfill batches: 30s), e.g. 60s.")
+]
+# Backfill progress is printed at most this often (plus the final line).
+PROGRESS_INTERVAL_SECONDS = 2.0
 
 
 def _database(home: Path | None, database_url: str | None) -> Endpoint:
@@ -62,6 +79,29 @@ def _run(label: str, action: Callable[[], T]) -> T:
     return result
 
 
+def _options(batch_size: int, lock_timeout: str, statement_timeout: str) -> MigrationOptions:
+    """Run options from the command line, progress printed to the console (backfills: every few seconds)."""
+    from migrations.online import BackfillProgress
+    from migrations.runner import MigrationOptions
+
+    last_printed = 0.0
+
+    def progress(event: Progress) -> None:
+        nonlocal last_printed
+        now = time.monotonic()
+        if isinstance(event, BackfillProgress) and not event.done and now - last_printed < PROGRESS_INTERVAL_SECONDS:
+            return
+        last_printed = now
+        console.print(f"  {escape(str(event))}", soft_wrap=True)
+
+    try:
+        return MigrationOptions(
+            batch_size=batch_size, lock_timeout=lock_timeout, statement_timeout=statement_timeout, progress=progress
+        )
+    except ValueError as exc:
+        raise fail(console, str(exc), code=2) from None
+
+
 def _current(url: str) -> str:
     from migrations import runner
 
@@ -76,13 +116,20 @@ def up(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
     database_url: DatabaseUrlOption = None,
     home: HomeArg = None,
+    batch_size: BatchSizeOption = 1000,
+    lock_timeout: LockTimeoutOption = "5s",
+    statement_timeout: StatementTimeoutOption = "60s",
 ) -> None:
-    """Create the roles if missing, then upgrade to REVISION (default head)."""
+    """Create the roles if missing, then upgrade to REVISION (default head), one transaction per revision.
+
+    Interrupted during a backfill? Run it again: it continues with the rows not done yet.
+    """
     from migrations import runner
 
+    options = _options(batch_size, lock_timeout, statement_timeout)
     url = _database(home, database_url).url
     _run("bootstrap roles", lambda: runner.bootstrap(url))
-    _run(f"upgrade to {revision}", lambda: runner.upgrade(url, revision))
+    _run(f"upgrade to {revision}", lambda: runner.upgrade(url, revision, options=options))
     console.print(f"current: {escape(_current(url))}")
 
 
@@ -91,12 +138,15 @@ def down(
     revision: Annotated[str, typer.Argument(help="Target revision: a revision id, -1, or base (drops everything).")],
     database_url: DatabaseUrlOption = None,
     home: HomeArg = None,
+    lock_timeout: LockTimeoutOption = "5s",
+    statement_timeout: StatementTimeoutOption = "60s",
 ) -> None:
     """Downgrade to REVISION (`base` removes every Tessera schema and its data)."""
     from migrations import runner
 
+    options = _options(1000, lock_timeout, statement_timeout)
     url = _database(home, database_url).url
-    _run(f"downgrade to {revision}", lambda: runner.downgrade(url, revision))
+    _run(f"downgrade to {revision}", lambda: runner.downgrade(url, revision, options=options))
     console.print(f"current: {escape(_current(url))}")
 
 
@@ -151,3 +201,49 @@ def round_trip(database_url: DatabaseUrlOption = None, home: HomeArg = None) -> 
             on_scratch(postgres.url())
         finally:
             postgres.stop()
+
+
+@app.command("lint")
+def lint(
+    versions: Annotated[
+        Path | None,
+        typer.Option("--versions", help="Lint the revisions in this directory instead of migrations/versions."),
+    ] = None,
+    sql_dir: Annotated[
+        Path | None,
+        typer.Option("--sql-dir", help="Keep the rendered SQL files (one per revision and direction) here."),
+    ] = None,
+) -> None:
+    """Lint every revision's upgrade and downgrade SQL with squawk; exits 1 on any finding.
+
+    No database is needed: Alembic renders the SQL offline. Exceptions: `squawk_ignore` on a statement
+    in the revision, the downgrade and grandfathered lists in migrations/lint.py, `.squawk.toml`.
+    """
+    from migrations import lint as migration_lint
+
+    try:
+        report = migration_lint.lint(versions=versions, sql_dir=sql_dir)
+    except migration_lint.LintError as exc:
+        raise fail(console, str(exc)) from None
+    console.print(
+        "[dim]downgrades are linted without the removal rules "
+        f"({', '.join(sorted(migration_lint.DOWNGRADE_IGNORED_RULES))}): they remove what their upgrade added[/dim]",
+        soft_wrap=True,
+    )
+    for result in report.results:
+        label = f"{result.revision} {result.direction}"
+        grandfathered = sorted(set(result.ignored) - set(migration_lint.DOWNGRADE_IGNORED_RULES))
+        ignored = f" [dim](grandfathered: {', '.join(grandfathered)})[/dim]" if grandfathered else ""
+        if result.ok:
+            console.print(f"[green]✓[/green] {escape(label)}{ignored}", soft_wrap=True)
+            continue
+        console.print(f"[red]✗[/red] {escape(label)}: {len(result.findings)} finding(s){ignored}", soft_wrap=True)
+        for finding in result.findings:
+            console.print(f"    {escape(str(finding))}", soft_wrap=True)
+    if not report.ok:
+        raise fail(
+            console,
+            f"{len(report.failed)} of {len(report.results)} revision scripts have lock-unsafe statements "
+            "(docs/runbooks/migrations.md: writing a revision)",
+        )
+    console.print(f"{len(report.results)} revision scripts are squawk-clean")

@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
-from collections.abc import Iterator
 
 import asyncpg
 import pytest
 
 from migrations import runner
+from migrations.online import BackfillProgress
+from tests.migrations.conftest import admin_execute as _admin
+from tests.migrations.conftest import fetchval, seed_items
 
 pytestmark = pytest.mark.gate("S04")
-
-
-async def _admin(server_url: str, statement: str) -> None:
-    conn = await asyncpg.connect(server_url)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-def scratch_url(pg_server_url: str) -> Iterator[str]:
-    """A database of this test alone on the session's server, dropped afterwards."""
-    name = f"tessera_migrations_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(pg_server_url, f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{pg_server_url.rpartition('/')[0]}/{name}"
-    finally:
-        asyncio.run(_admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def test_round_trip_restores_an_identical_schema(scratch_url: str) -> None:
@@ -133,3 +117,62 @@ def test_concurrent_upgrades_of_one_database_serialise(scratch_url: str) -> None
 
     asyncio.run(both())
     assert runner.current(scratch_url) == runner.heads()[0]
+
+
+def test_a_second_upgrade_waits_for_the_first_without_holding_a_snapshot(scratch_url: str) -> None:
+    """The first run commits batches between its revisions' transactions, yet a second run still waits
+    for all of it; while waiting it holds no snapshot, so a concurrent index build can finish."""
+    runner.migrate(scratch_url, "0004_workflow")
+    asyncio.run(seed_items(scratch_url, tenants=1, items=600))
+    in_backfill, release = threading.Event(), threading.Event()
+    first_events: list[runner.Progress] = []
+    second_events: list[runner.Progress] = []
+    second_waits = threading.Event()
+
+    def pause_in_first_batch(event: runner.Progress) -> None:
+        first_events.append(event)
+        if isinstance(event, BackfillProgress) and event.batches == 1 and not event.done:
+            in_backfill.set()
+            assert release.wait(60), "the test never released the first run"
+
+    def note_wait(event: runner.Progress) -> None:
+        second_events.append(event)
+        if isinstance(event, runner.LockWait):
+            second_waits.set()
+
+    errors: list[BaseException] = []
+
+    def run(options: runner.MigrationOptions) -> None:
+        try:
+            runner.upgrade(scratch_url, "head", options=options)
+        except BaseException as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=run, args=(runner.MigrationOptions(batch_size=100, progress=pause_in_first_batch),))
+    second = threading.Thread(target=run, args=(runner.MigrationOptions(batch_size=100, progress=note_wait),))
+    first.start()
+    try:
+        assert in_backfill.wait(60)
+        second.start()
+        assert second_waits.wait(30)
+        [wait] = [event for event in second_events if isinstance(event, runner.LockWait)]
+        assert wait.holder_pid is not None
+        # The first run has committed a batch, but the revision is not recorded and the second run waits.
+        assert runner.current(scratch_url) == "0004_workflow"
+        assert second.is_alive()
+        # A waiting `pg_advisory_lock()` call would hold a snapshot and this build would wait for it.
+        asyncio.run(_admin(scratch_url, "CREATE TABLE public.probe (x int)"))
+        asyncio.run(
+            asyncio.wait_for(_admin(scratch_url, "CREATE INDEX CONCURRENTLY probe_x ON public.probe (x)"), timeout=20)
+        )
+    finally:
+        release.set()
+        first.join(120)
+        second.join(120)
+
+    assert errors == []
+    assert runner.current(scratch_url) == runner.heads()[0]
+    # The second run found nothing left to do: it never ran a batch.
+    assert [event for event in second_events if isinstance(event, BackfillProgress) and event.batches] == []
+    assert [event.updated for event in first_events if isinstance(event, BackfillProgress) and event.done] == [600]
+    assert asyncio.run(fetchval(scratch_url, "SELECT count(*) FROM workflow.items WHERE status_category IS NULL")) == 0
