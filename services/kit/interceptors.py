@@ -40,6 +40,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import asyncpg
 import grpc
 import protovalidate
 import structlog
@@ -52,6 +53,7 @@ from services.kit.authz import PUBLIC, ROLES, WORKSPACE, auth_rule_for, permissi
 from services.kit.context import new_request_id, request_id_var, subject_var, tenant_id_var
 from services.kit.errors import (
     ERROR_DOMAIN,
+    Aborted,
     AppError,
     FieldViolation,
     Internal,
@@ -92,6 +94,7 @@ PUBLIC_SERVICES: frozenset[str] = frozenset(
 
 _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 _OK = grpc.StatusCode.OK
+_CONCURRENCY_FAILURES = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 _log = structlog.get_logger("tessera.rpc")
 
 _ROLES = frozenset(ROLES)
@@ -471,6 +474,11 @@ class KitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc 
             return status_for(exc, request_id=request_id)
         if isinstance(exc, NotImplementedError):  # a generated servicer base method that was not overridden
             return status_for(_Unimplemented("method not implemented"), request_id=request_id)
+        if isinstance(exc, _CONCURRENCY_FAILURES):
+            # The transaction lost a race (deadlock victim, serialization failure) and was rolled back
+            # whole: the caller may retry. ABORTED, as AIP-193 prescribes for concurrency conflicts.
+            _log.warning("transaction aborted by a concurrent one", error=type(exc).__name__)
+            return status_for(Aborted("concurrent change; retry the request"), request_id=request_id)
         _log.error("unhandled exception in RPC", exc_info=exc)
         return status_for(Internal("unexpected exception"), request_id=request_id)
 

@@ -11,6 +11,7 @@ any) and Undeclared (no auth rule: refused).
 The display name of a CreateWorkspace request selects the behaviour:
 
 - `boom`        an unexpected exception whose text must never leave the process;
+- `deadlock`    asyncpg's DeadlockDetectedError (a lost race: ABORTED, retryable);
 - `missing`     NotFound; `busy`: ResourceExhausted with retry_after; `internal`: kit Internal;
 - `slow`        waits until the test releases it (drain tests); `trace`: returns the current trace id as name;
 - anything else echoes the workspace with `creator` = the current principal's subject.
@@ -27,6 +28,7 @@ import asyncio
 import time
 from typing import Any
 
+import asyncpg
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from opentelemetry import trace
@@ -122,6 +124,8 @@ class FakeTenancy:
             raise ResourceExhausted("too many workspaces", retry_after=1.5, metadata={"limit": "3"})
         if name == "internal":
             raise Internal(f"invariant broken: {SECRET_DETAIL}")
+        if name == "deadlock":  # what asyncpg raises when PostgreSQL picks this transaction as deadlock victim
+            raise asyncpg.exceptions.DeadlockDetectedError(f"deadlock detected: {SECRET_DETAIL}")
         if name == "trace":  # report the trace the handler runs in
             span_context = trace.get_current_span().get_span_context()
             return tenancy_service_pb2.CreateWorkspaceResponse(

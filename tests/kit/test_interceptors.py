@@ -215,6 +215,14 @@ async def test_retry_after_becomes_retry_info(dev_channel: grpc.aio.Channel) -> 
     assert detail(status, error_details_pb2.RetryInfo).retry_delay.ToMilliseconds() == 1500
 
 
+async def test_a_lost_database_race_is_aborted_without_detail(dev_channel: grpc.aio.Channel) -> None:
+    stub = tenancy_service_pb2_grpc.TenancyServiceStub(dev_channel)
+    error, status = await failed_status(stub.CreateWorkspace(create_request("deadlock")))
+    assert error.code() == grpc.StatusCode.ABORTED
+    assert SECRET_DETAIL not in (error.details() or "")
+    assert detail(status, error_details_pb2.ErrorInfo).reason == "ABORTED"
+
+
 @pytest.mark.parametrize("display_name", ["boom", "internal"])
 async def test_unexpected_exception_is_internal_without_detail(
     dev_channel: grpc.aio.Channel, display_name: str
