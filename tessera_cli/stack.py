@@ -96,6 +96,12 @@ SERVICES: tuple[ServiceSpec, ...] = (
         default_port=50051,
         grpc_service="tessera.tenancy.v1.TenancyService",
     ),
+    ServiceSpec(
+        name="workflow",
+        module="services.workflow.main",
+        default_port=50053,
+        grpc_service="tessera.workflow.v1.WorkflowService",
+    ),
 )
 
 # The REST/JSON gateway in front of every service (port: TESSERA_GATEWAY_PORT or `--port gateway=N`).

@@ -27,6 +27,7 @@ def test_doctor_names_an_unreachable_nats_and_still_checks_the_database(run_cli:
         TESSERA_NATS_URL=f"nats://127.0.0.1:{closed}",
         TESSERA_TENANCY_PORT=str(free_port()),
         TESSERA_IDENTITY_PORT=str(free_port()),
+        TESSERA_WORKFLOW_PORT=str(free_port()),
         TESSERA_GATEWAY_PORT=str(gateway_port),
     )
     assert result.returncode == 1, result.stdout + result.stderr
@@ -35,7 +36,10 @@ def test_doctor_names_an_unreachable_nats_and_still_checks_the_database(run_cli:
     assert status == "✗ problem"
     assert f"nats://127.0.0.1:{closed}" in detail
     assert "unreachable" in detail
-    assert "not ready: 4 problem(s): nats reachable, identity health, tenancy health, gateway health" in result.stdout
+    assert (
+        "not ready: 5 problem(s): nats reachable, identity health, tenancy health, workflow health, gateway health"
+        in result.stdout
+    )
     # Each component is checked on its own: the database part is fine and reported as such.
     assert report[("database", "reachable")][0] == "✓ ok"
     assert report[("database", "migrations")][0] == "✓ ok"
@@ -44,8 +48,10 @@ def test_doctor_names_an_unreachable_nats_and_still_checks_the_database(run_cli:
         "login, no superuser, no BYPASSRLS, owns nothing",
     )
     assert report[("database", "role tessera_identity")][0] == "✓ ok"
+    assert report[("database", "role tessera_workflow")][0] == "✓ ok"
     assert report[("tenancy", "health")][0] == "✗ problem"  # nothing listens on the tenancy port
     assert report[("identity", "health")][0] == "✗ problem"
+    assert report[("workflow", "health")][0] == "✗ problem"
     # The gateway is part of "ready": nothing answers its readiness endpoint on the configured port.
     status, detail = report[("gateway", "health")]
     assert status == "✗ problem"

@@ -20,6 +20,8 @@ from services.kit.server import ServiceRuntime
 from services.kit.settings import KitSettings, load_settings
 from services.tenancy.main import build as build_tenancy
 from services.tenancy.settings import TenancySettings
+from services.workflow.main import build as build_workflow
+from services.workflow.settings import WorkflowSettings
 from tessera_cli.embedded import free_port
 
 
@@ -34,6 +36,7 @@ class ServiceEntry:
 SERVICES = (
     ServiceEntry("identity", "tessera.identity.v1.IdentityService", IdentitySettings, build_identity),
     ServiceEntry("tenancy", "tessera.tenancy.v1.TenancyService", TenancySettings, build_tenancy),
+    ServiceEntry("workflow", "tessera.workflow.v1.WorkflowService", WorkflowSettings, build_workflow),
 )
 
 # Limits generous enough for suites that sign in many users from 127.0.0.1 in seconds.
@@ -48,6 +51,7 @@ _TEST_OVERRIDES: dict[str, dict[str, Any]] = {
         "argon2_parallelism": 1,
     },
     "tenancy": {},
+    "workflow": {},
 }
 
 

@@ -203,6 +203,7 @@ async def test_main_serves_the_gateway(gateway_mesh: Mesh) -> None:
     env = _gateway_env(
         TESSERA_IDENTITY_ADDRESS=gateway_mesh.addresses["tessera.identity.v1.IdentityService"],
         TESSERA_TENANCY_ADDRESS=gateway_mesh.addresses["tessera.tenancy.v1.TenancyService"],
+        TESSERA_WORKFLOW_ADDRESS=gateway_mesh.addresses["tessera.workflow.v1.WorkflowService"],
         TESSERA_GATEWAY_PORT=str(port),
         TESSERA_GATEWAY_LOG_LEVEL="warning",
     )

@@ -554,6 +554,7 @@ async def test_health_endpoints(client: httpx.AsyncClient) -> None:
     assert ready["services"] == {
         "tessera.identity.v1.IdentityService": "SERVING",
         "tessera.tenancy.v1.TenancyService": "SERVING",
+        "tessera.workflow.v1.WorkflowService": "SERVING",
     }
 
 

@@ -1,0 +1,93 @@
+"""The entitlement hook (gate S10): a per-workspace item limit enforced in one place, also under concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from services.kit.db import Database
+from services.kit.errors import ResourceExhausted
+from services.kit.ids import uuid7
+from services.workflow.errors import LIMIT_EXCEEDED
+from tests.workflow.conftest import Scene, acting, make_service
+
+pytestmark = pytest.mark.gate("S10")
+
+LIMIT = 3
+
+
+@pytest.fixture
+async def limited(scene: Scene, workflow_db: Database) -> Scene:
+    """The scene with a service limited to three live items per workspace."""
+    return Scene(workflow_db, make_service(max_items_per_workspace=LIMIT), scene.workspace_id, scene.by_role)
+
+
+async def usage(admin: asyncpg.Connection, scene: Scene) -> int:
+    value = await admin.fetchval("SELECT item_count FROM workflow.usage WHERE tenant_id = $1", scene.workspace_id)
+    return int(value or 0)
+
+
+async def test_the_fourth_item_is_resource_exhausted_naming_the_limit(
+    limited: Scene, admin_conn: asyncpg.Connection
+) -> None:
+    project = await limited.create_project()
+    for i in range(LIMIT):
+        await limited.create_item(project, title=f"item {i}")
+    with pytest.raises(ResourceExhausted) as caught:
+        await limited.create_item(project, title="one too many")
+    error = caught.value
+    assert error.reason == LIMIT_EXCEEDED
+    assert error.metadata == {"limit": "max_items_per_workspace", "max": "3"}
+    assert "max_items_per_workspace" in error.message
+    items = "SELECT count(*) FROM workflow.items WHERE tenant_id = $1"
+    assert await admin_conn.fetchval(items, limited.workspace_id) == LIMIT
+    assert await usage(admin_conn, limited) == LIMIT
+
+
+async def test_delete_frees_a_slot_and_undelete_is_refused_at_the_limit(
+    limited: Scene, admin_conn: asyncpg.Connection
+) -> None:
+    project = await limited.create_project()
+    items = [await limited.create_item(project) for _ in range(LIMIT)]
+    deleted = await limited.mark("delete", items[0])
+    assert await usage(admin_conn, limited) == LIMIT - 1
+    await limited.create_item(project, title="takes the freed slot")
+    with pytest.raises(ResourceExhausted):
+        await limited.mark("undelete", deleted)
+    assert (await limited.get_item(deleted)).deleted
+    await limited.mark("delete", items[1])
+    assert not (await limited.mark("undelete", deleted)).deleted
+    assert await usage(admin_conn, limited) == LIMIT
+
+
+async def test_a_retry_at_the_limit_returns_the_first_item(limited: Scene) -> None:
+    project = await limited.create_project()
+    request_id = uuid.uuid4()
+    first = await limited.create_item(project, title="kept", request_id=request_id)
+    for _ in range(LIMIT - 1):
+        await limited.create_item(project)
+    assert await limited.create_item(project, title="kept", request_id=request_id) == first
+
+
+async def test_the_limit_is_per_workspace(limited: Scene) -> None:
+    project = await limited.create_project()
+    for _ in range(LIMIT):
+        await limited.create_item(project)
+    workspace_id = uuid7()
+    other = Scene(
+        limited.db, limited.service, workspace_id, {role: acting(workspace_id, role) for role in limited.by_role}
+    )
+    other_project = await other.create_project()
+    assert (await other.create_item(other_project)).title == "An item"
+
+
+async def test_concurrent_creates_never_exceed_the_limit(limited: Scene, admin_conn: asyncpg.Connection) -> None:
+    project = await limited.create_project()
+    results = await asyncio.gather(*(limited.create_item(project) for _ in range(10)), return_exceptions=True)
+    created = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, ResourceExhausted)]
+    assert (len(created), len(refused)) == (LIMIT, 10 - LIMIT)
+    assert await usage(admin_conn, limited) == LIMIT

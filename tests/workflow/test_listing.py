@@ -1,0 +1,146 @@
+"""ListItems and CountItems through WorkflowService (the query compiler's own tests are test_query*.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from services.kit.errors import InvalidArgument, NotFound
+from services.kit.ids import uuid7
+from services.kit.principal import Principal
+from services.workflow.models import Item, ItemCounts, ItemPage, Priority, Project
+from tests.workflow.conftest import Scene
+
+pytestmark = pytest.mark.gate("S04")
+
+
+async def list_page(scene: Scene, project: Project, *, principal: Principal | None = None, **options: Any) -> ItemPage:
+    caller = principal or scene.viewer
+    async with scene.db.unit_of_work(caller) as uow:
+        return await scene.service.list_items(
+            uow,
+            caller,
+            workspace_id=project.workspace_id,
+            project_id=project.id,
+            **options,
+        )
+
+
+async def list_all(scene: Scene, project: Project, **options: Any) -> tuple[list[Item], int]:
+    """Every page of a listing; the items and the number of pages."""
+    found: list[Item] = []
+    token, pages = "", 0
+    while True:
+        page = await list_page(scene, project, page_token=token, **options)
+        found += page.items
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            return found, pages
+
+
+async def count(scene: Scene, project: Project, **options: Any) -> ItemCounts:
+    async with scene.db.unit_of_work(scene.viewer) as uow:
+        return await scene.service.count_items(
+            uow,
+            scene.viewer,
+            workspace_id=project.workspace_id,
+            project_id=project.id,
+            **options,
+        )
+
+
+@pytest.fixture
+async def board(scene: Scene) -> tuple[Project, list[Item]]:
+    """Seven items: various priorities, labels and states; one archived, one deleted."""
+    project = await scene.create_project()
+    owner = scene.user_name("owner")
+    items = [
+        await scene.create_item(project, title="alpha", priority=Priority.HIGH, labels=("bug",), assignee=owner),
+        await scene.create_item(project, title="bravo", priority=Priority.LOW, labels=("bug", "ui")),
+        await scene.create_item(project, title="charlie", priority=Priority.HIGH, custom_fields={"estimate": 5}),
+        await scene.create_item(project, title="delta", priority=Priority.URGENT, assignee=owner),
+        await scene.create_item(project, title="echo", labels=("ui",)),
+        await scene.create_item(project, title="archived one"),
+        await scene.create_item(project, title="deleted one"),
+    ]
+    items[0] = await scene.transition(items[0], "in_progress")
+    items[4] = await scene.transition(items[4], "todo")
+    items[5] = await scene.mark("archive", items[5])
+    items[6] = await scene.mark("delete", items[6])
+    return project, items
+
+
+async def test_filter_order_and_paging_return_each_item_once(scene: Scene, board: tuple[Project, list[Item]]) -> None:
+    project, _ = board
+    found, pages = await list_all(
+        scene, project, filter="priority >= PRIORITY_HIGH", order_by="priority desc, title", requested_page_size=2
+    )
+    assert [item.title for item in found] == ["delta", "alpha", "charlie"]
+    assert pages == 2
+    everything, _ = await list_all(scene, project, requested_page_size=2)
+    assert {item.title for item in everything} == {"alpha", "bravo", "charlie", "delta", "echo"}
+    assert [item.create_time for item in everything] == sorted((item.create_time for item in everything), reverse=True)
+
+
+async def test_show_archived_and_show_deleted(scene: Scene, board: tuple[Project, list[Item]]) -> None:
+    project, _ = board
+    with_archived, _ = await list_all(scene, project, show_archived=True)
+    assert "archived one" in {item.title for item in with_archived}
+    with_deleted, _ = await list_all(scene, project, show_deleted=True)
+    titles = {item.title for item in with_deleted}
+    assert "deleted one" in titles
+    assert "archived one" not in titles
+
+
+async def test_labels_custom_fields_and_search(scene: Scene, board: tuple[Project, list[Item]]) -> None:
+    project, _ = board
+    assert {i.title for i in (await list_all(scene, project, filter='labels:"ui"'))[0]} == {"bravo", "echo"}
+    assert [i.title for i in (await list_all(scene, project, filter="custom_fields.estimate > 3"))[0]] == ["charlie"]
+    assert [i.title for i in (await list_all(scene, project, search="bravo"))[0]] == ["bravo"]
+
+
+async def test_page_tokens_are_bound_to_the_query_and_the_caller(
+    scene: Scene, board: tuple[Project, list[Item]]
+) -> None:
+    project, _ = board
+    first = await list_page(scene, project, filter='status = "backlog"', requested_page_size=1)
+    assert first.next_page_token
+    with pytest.raises(InvalidArgument, match="different query"):
+        await list_page(scene, project, filter='status = "todo"', page_token=first.next_page_token)
+    with pytest.raises(InvalidArgument, match="another caller"):
+        await list_page(
+            scene, project, principal=scene.member, filter='status = "backlog"', page_token=first.next_page_token
+        )
+
+
+async def test_filter_errors_pass_through_and_unknown_projects_are_not_found(
+    scene: Scene, board: tuple[Project, list[Item]]
+) -> None:
+    project, _ = board
+    with pytest.raises(InvalidArgument) as caught:
+        await list_page(scene, project, filter="nonsense_field = 1")
+    assert [v.field for v in caught.value.violations] == ["filter"]
+    assert caught.value.metadata["position"] == "1"
+    with pytest.raises(NotFound):
+        await list_page(scene, dataclasses.replace(project, id=uuid7()))
+
+
+async def test_counts_by_status_assignee_and_label(scene: Scene, board: tuple[Project, list[Item]]) -> None:
+    project, _ = board
+    by_status = await count(scene, project, group_by="status")
+    assert by_status.counts == [("backlog", 3), ("in_progress", 1), ("todo", 1)]
+    assert by_status.total == 5
+    by_assignee = await count(scene, project, group_by="assignee")
+    assert by_assignee.counts == [("", 3), (scene.user_name("owner"), 2)]
+    by_label = await count(scene, project, group_by="label")
+    assert by_label.counts == [("", 2), ("bug", 2), ("ui", 2)]
+    assert by_label.total == 5
+    total = await count(scene, project, filter="priority = PRIORITY_HIGH")
+    assert (total.counts, total.total) == ([("", 2)], 2)
+    with_archived = await count(scene, project, show_archived=True)
+    assert with_archived.total == 6
+    with pytest.raises(InvalidArgument):
+        await count(scene, project, group_by="priority")
