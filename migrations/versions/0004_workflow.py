@@ -11,12 +11,13 @@ transaction's `tessera.tenant_id` for every command (USING and WITH CHECK):
   field definitions as JSONB; request_id/fingerprint for idempotent creation; version = etag.
 - `items`: the work items. `search` is a stored generated tsvector over title (A) and description (B)
   with a GIN index; `labels` is a text[] with a GIN index; b-tree indexes serve the default order
-  (create_time DESC, id DESC), the status board, the assignee filter, sub-item lookups and the
+  (create_time DESC, id DESC), the status board (status, then priority and age), the assignee filter, sub-item lookups and the
   request_id idempotency check (partial unique index).
 - `activities`: the append-only activity log (SELECT and INSERT only for the login role).
 - `members`: the service's read model of tenancy memberships (fed by MembershipChangedEvent), used to
   check that an assignee belongs to the workspace.
-- `usage`: live items per workspace, the entitlement hook's counter.
+- `usage`: live items per workspace, the entitlement hook's counter, split over shard rows (the count
+  is their sum) so that concurrent creates in one workspace do not queue on a single row lock.
 Plus the kit's `outbox` and `inbox` system tables (no tenant_id by design, as in 0001).
 
 Downgrade drops the schema and every row in it (see docs/runbooks/workflow.md).
@@ -137,7 +138,13 @@ def upgrade() -> None:
         ["tenant_id", "project_id", sa.text("create_time DESC"), sa.text("id DESC")],
         schema=SCHEMA,
     )
-    op.create_index("ix_items_project_status", "items", ["tenant_id", "project_id", "status"], schema=SCHEMA)
+    # The board query: one status, ordered by priority then age (scanned backwards for DESC, keyset-friendly).
+    op.create_index(
+        "ix_items_project_status",
+        "items",
+        ["tenant_id", "project_id", "status", "priority", "create_time", "id"],
+        schema=SCHEMA,
+    )
     op.create_index(
         "ix_items_project_assignee",
         "items",
@@ -203,11 +210,12 @@ def upgrade() -> None:
     op.create_table(
         "usage",
         sa.Column("tenant_id", sa.Uuid, nullable=False),
+        sa.Column("shard", sa.SmallInteger, nullable=False, server_default="0"),
         sa.Column("item_count", sa.BigInteger, nullable=False, server_default="0"),
-        sa.PrimaryKeyConstraint("tenant_id", name="pk_usage"),
+        sa.PrimaryKeyConstraint("tenant_id", "shard", name="pk_usage"),
         sa.CheckConstraint("item_count >= 0", name="ck_usage_item_count"),
         schema=SCHEMA,
-        comment="live (not deleted) items per workspace, for the entitlement hook",
+        comment="live (not deleted) items per workspace (sum over shards), for the entitlement hook",
     )
 
     for table in TENANT_TABLES:

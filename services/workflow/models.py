@@ -129,11 +129,13 @@ members = sa.Table(
     sa.Column("change_time", _TIME, nullable=False),
 )
 
-# The entitlement hook's counter: live (not deleted) items per workspace.
+# The entitlement hook's counter: live (not deleted) items per workspace, split over shards (their sum
+# is the count) so concurrent creates do not queue on one row (repository.USAGE_SHARDS).
 usage = sa.Table(
     "usage",
     metadata,
     sa.Column("tenant_id", sa.Uuid, primary_key=True),
+    sa.Column("shard", sa.SmallInteger, primary_key=True, server_default="0"),
     sa.Column("item_count", sa.BigInteger, nullable=False, server_default="0"),
 )
 

@@ -730,21 +730,57 @@ _RECORD_MEMBERSHIP = Query(
     ).returning(members.c.user_id)
 )
 
-_upsert_usage = pg_insert(usage).values(tenant_id=sa.bindparam("tenant"), item_count=1)
-# One statement for "insert the counter if absent, else add one unless at the limit": no row back = at the limit.
-_COUNT_ITEM = Query(
-    _upsert_usage.on_conflict_do_update(
-        index_elements=[usage.c.tenant_id],
-        set_={"item_count": usage.c.item_count + 1},
-        where=usage.c.item_count < sa.bindparam("max", type_=sa.BigInteger),
-    ).returning(usage.c.item_count)
+# The live-item counter is split over USAGE_SHARDS rows per workspace, so concurrent creates in one
+# workspace do not queue on one row lock held until each commit's WAL flush. The limit stays exact:
+# shard i may hold `max // N` items, plus one for the first `max % N` shards, which sums to `max`; a
+# create is refused only when every shard is at its share. The fast path takes a random shard with
+# room whose row no other transaction holds (SKIP LOCKED: it never waits); only when that finds
+# nothing (no rows yet, all locked, or all full) does `count_item` lock every shard in shard order and
+# decide exactly.
+USAGE_SHARDS = 16
+_TENANT = sa.bindparam("tenant", type_=sa.Uuid)
+_MAX = sa.bindparam("max", type_=sa.BigInteger)
+_SHARE = f"(:max / {USAGE_SHARDS} + CASE WHEN shard < :max % {USAGE_SHARDS} THEN 1 ELSE 0 END)"
+_COUNT_ITEM_FAST = Query(
+    sa.text(
+        f"UPDATE {usage.fullname} AS u SET item_count = u.item_count + 1 "
+        f"FROM (SELECT shard FROM {usage.fullname} WHERE tenant_id = :tenant AND item_count < {_SHARE} "
+        "ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED) AS pick "
+        "WHERE u.tenant_id = :tenant AND u.shard = pick.shard RETURNING u.shard"
+    ).bindparams(_TENANT, _MAX)
 )
-_UNCOUNT_ITEM = Query(
+_CREATE_SHARDS = Query(
+    sa.text(
+        f"INSERT INTO {usage.fullname} (tenant_id, shard, item_count) "
+        f"SELECT :tenant, s, 0 FROM generate_series(0, {USAGE_SHARDS - 1}) AS s "
+        "ON CONFLICT (tenant_id, shard) DO NOTHING"
+    ).bindparams(_TENANT)
+)
+_LOCK_SHARDS = Query(
+    sa.select(usage.c.shard, usage.c.item_count)
+    .where(usage.c.tenant_id == _TENANT)
+    .order_by(usage.c.shard)
+    .with_for_update()
+)
+_ADD_TO_SHARD = Query(
     sa.update(usage)
-    .where(usage.c.tenant_id == sa.bindparam("tenant"), usage.c.item_count > 0)
-    .values(item_count=usage.c.item_count - 1)
+    .where(usage.c.tenant_id == _TENANT, usage.c.shard == sa.bindparam("shard", type_=sa.SmallInteger))
+    .values(item_count=usage.c.item_count + sa.bindparam("delta", type_=sa.BigInteger))
 )
-_ITEM_COUNT = Query(sa.select(usage.c.item_count).where(usage.c.tenant_id == sa.bindparam("tenant")))
+_UNCOUNT_ITEM_FAST = Query(
+    sa.text(
+        f"UPDATE {usage.fullname} AS u SET item_count = u.item_count - 1 "
+        f"FROM (SELECT shard FROM {usage.fullname} WHERE tenant_id = :tenant AND item_count > 0 "
+        "ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED) AS pick "
+        "WHERE u.tenant_id = :tenant AND u.shard = pick.shard RETURNING u.shard"
+    ).bindparams(_TENANT)
+)
+_ITEM_COUNT = Query(sa.select(sa.func.coalesce(sa.func.sum(usage.c.item_count), 0)).where(usage.c.tenant_id == _TENANT))
+
+
+def shard_share(shard: int, maximum: int) -> int:
+    """How many live items one shard may count under `maximum` (the shares sum to `maximum`)."""
+    return maximum // USAGE_SHARDS + (1 if shard < maximum % USAGE_SHARDS else 0)
 
 
 class MemberRepository:
@@ -773,14 +809,28 @@ class UsageRepository:
     def __init__(self, uow: UnitOfWork) -> None:
         self.uow = uow
 
-    async def count_item(self, *, workspace_id: uuid.UUID, maximum: int) -> int | None:
-        """Add one live item unless the count is at `maximum`; the new count, or None at the limit."""
-        value = await self.uow.fetchval(_COUNT_ITEM, tenant=workspace_id, max=maximum)
-        return int(value) if value is not None else None
+    async def count_item(self, *, workspace_id: uuid.UUID, maximum: int) -> bool:
+        """Count one more live item unless the workspace is at `maximum`; False at the limit."""
+        if await self.uow.fetchval(_COUNT_ITEM_FAST, tenant=workspace_id, max=maximum) is not None:
+            return True
+        shards = await self.uow.fetch(_LOCK_SHARDS, tenant=workspace_id)
+        if not shards:  # the workspace's first item: create its shard rows, then decide under their locks
+            await self.uow.execute(_CREATE_SHARDS, tenant=workspace_id)
+            shards = await self.uow.fetch(_LOCK_SHARDS, tenant=workspace_id)
+        for row in shards:
+            if row["item_count"] < shard_share(row["shard"], maximum):
+                await self.uow.execute(_ADD_TO_SHARD, tenant=workspace_id, shard=row["shard"], delta=1)
+                return True
+        return False
 
     async def uncount_item(self, *, workspace_id: uuid.UUID) -> None:
-        """One live item fewer."""
-        await self.uow.execute(_UNCOUNT_ITEM, tenant=workspace_id)
+        """One live item fewer (taken from any shard: only the sum matters)."""
+        if await self.uow.fetchval(_UNCOUNT_ITEM_FAST, tenant=workspace_id) is not None:
+            return
+        for row in await self.uow.fetch(_LOCK_SHARDS, tenant=workspace_id):
+            if row["item_count"] > 0:
+                await self.uow.execute(_ADD_TO_SHARD, tenant=workspace_id, shard=row["shard"], delta=-1)
+                return
 
     async def item_count(self, *, workspace_id: uuid.UUID) -> int:
         """The workspace's live items as counted."""

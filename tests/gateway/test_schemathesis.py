@@ -35,7 +35,15 @@ pytestmark = pytest.mark.gate("S01")
 PASSWORD = "schemathesis staple horse 42"  # test password
 MAX_EXAMPLES = 6
 # Run last: each of these may end the session or the workspace the other operations are fuzzed with.
-DESTRUCTIVE = ("ChangePassword", "TransferOwnership", "LeaveWorkspace", "DeleteWorkspace", "SignOut")
+DESTRUCTIVE = (
+    "ArchiveItem",
+    "DeleteItem",
+    "ChangePassword",
+    "TransferOwnership",
+    "LeaveWorkspace",
+    "DeleteWorkspace",
+    "SignOut",
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,8 @@ class Caller:
     url: str
     token: str
     workspace_id: str
+    project_id: str
+    item_id: str
 
 
 @asynccontextmanager
@@ -83,7 +93,17 @@ async def caller(admin_url: str, nats_url: str) -> AsyncIterator[Caller]:
             created = await _post(client, "/v1/workspaces", {"displayName": "Fuzzed"}, user_token)
             workspace = created["workspace"]["name"]
             issued = await _post(client, "/v1/sessions:issueWorkspaceToken", {"workspace": workspace}, user_token)
-            yield Caller(url, issued["tokens"]["accessToken"], workspace.removeprefix("workspaces/"))
+            token = issued["tokens"]["accessToken"]
+            # A real project and item, so the workflow operations are fuzzed past the lookup (not only 404s).
+            project = (await _post(client, f"/v1/{workspace}/projects", {"displayName": "Fuzzed"}, token))["project"]
+            item = (await _post(client, f"/v1/{project['name']}/items", {"title": "Fuzzed item"}, token))["item"]
+            yield Caller(
+                url,
+                token,
+                workspace.removeprefix("workspaces/"),
+                project["name"].rsplit("/", 1)[1],
+                item["name"].rsplit("/", 1)[1],
+            )
 
 
 def _method_name(operation: Any) -> str:
@@ -104,7 +124,8 @@ def _fuzz(caller: Caller) -> tuple[int, list[str]]:
     failures: list[str] = []
     cases = 0
     for operation in operations:
-        pinned = {"workspace": caller.workspace_id} if "{workspace}" in operation.path else None
+        known = {"workspace": caller.workspace_id, "project": caller.project_id, "item": caller.item_id}
+        pinned = {name: value for name, value in known.items() if f"{{{name}}}" in operation.path} or None
 
         @settings(
             max_examples=MAX_EXAMPLES,

@@ -26,7 +26,7 @@ async def limited(scene: Scene, workflow_db: Database) -> Scene:
 
 
 async def usage(admin: asyncpg.Connection, scene: Scene) -> int:
-    value = await admin.fetchval("SELECT item_count FROM workflow.usage WHERE tenant_id = $1", scene.workspace_id)
+    value = await admin.fetchval("SELECT sum(item_count) FROM workflow.usage WHERE tenant_id = $1", scene.workspace_id)
     return int(value or 0)
 
 
@@ -91,3 +91,25 @@ async def test_concurrent_creates_never_exceed_the_limit(limited: Scene, admin_c
     refused = [r for r in results if isinstance(r, ResourceExhausted)]
     assert (len(created), len(refused)) == (LIMIT, 10 - LIMIT)
     assert await usage(admin_conn, limited) == LIMIT
+
+
+@pytest.mark.parametrize("limit", [17, 40])  # not a multiple of the shard count, and more than two shares each
+async def test_a_limit_above_the_shard_count_is_exact_under_concurrency(
+    scene: Scene, workflow_db: Database, admin_conn: asyncpg.Connection, limit: int
+) -> None:
+    """The counter is split over shard rows; their shares must add up to exactly the limit."""
+    sharded = Scene(workflow_db, make_service(max_items_per_workspace=limit), scene.workspace_id, scene.by_role)
+    project = await sharded.create_project()
+    attempts = limit + 12
+    results = await asyncio.gather(*(sharded.create_item(project) for _ in range(attempts)), return_exceptions=True)
+    unexpected = [r for r in results if isinstance(r, BaseException) and not isinstance(r, ResourceExhausted)]
+    assert not unexpected
+    assert sum(not isinstance(r, BaseException) for r in results) == limit
+    assert await usage(admin_conn, sharded) == limit
+    # Deleting frees exactly one slot, whichever shard it is taken from.
+    created = [r for r in results if not isinstance(r, BaseException)]
+    await sharded.mark("delete", created[0])
+    await sharded.create_item(project, title="refills the freed slot")
+    with pytest.raises(ResourceExhausted):
+        await sharded.create_item(project, title="one too many")
+    assert await usage(admin_conn, sharded) == limit

@@ -86,7 +86,7 @@ class TestCreateItem:
         assert len(await outbox_events(admin_conn, tenant=scene.workspace_id, event_type=ITEM_CREATED)) == 1
         assert len(await activity_rows(admin_conn, first)) == 1
         count = await admin_conn.fetchval(
-            "SELECT item_count FROM workflow.usage WHERE tenant_id = $1", scene.workspace_id
+            "SELECT sum(item_count) FROM workflow.usage WHERE tenant_id = $1", scene.workspace_id
         )
         assert count == 1
 

@@ -144,3 +144,17 @@ async def test_counts_by_status_assignee_and_label(scene: Scene, board: tuple[Pr
     assert with_archived.total == 6
     with pytest.raises(InvalidArgument):
         await count(scene, project, group_by="priority")
+
+
+async def test_a_repeated_first_page_reuses_the_statement_but_reads_fresh_rows(scene: Scene) -> None:
+    """The first page's compiled SQL is cached per query; the rows never are."""
+    project = await scene.create_project()
+    first = await scene.create_item(project, title="first", priority=Priority.HIGH)
+    options = {"filter": "priority >= PRIORITY_HIGH", "order_by": "title"}
+    assert [item.id for item in (await list_page(scene, project, **options)).items] == [first.id]
+    second = await scene.create_item(project, title="second", priority=Priority.URGENT)
+    await scene.create_item(project, title="low", priority=Priority.LOW)
+    assert [item.id for item in (await list_page(scene, project, **options)).items] == [first.id, second.id]
+    # Another project with the same filter is another statement (its own tenant and project values).
+    other = await scene.create_project()
+    assert (await list_page(scene, other, **options)).items == []

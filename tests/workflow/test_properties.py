@@ -1018,7 +1018,7 @@ class WorkflowMachine(RuleBasedStateMachine):
             EventEnvelope.FromString(row["envelope"])
             for row in await admin.fetch("SELECT envelope FROM workflow.outbox WHERE id > $1 ORDER BY id", self.started)
         ]
-        usage = await admin.fetchval("SELECT item_count FROM workflow.usage WHERE tenant_id = $1", tenant)
+        usage = await admin.fetchval("SELECT sum(item_count) FROM workflow.usage WHERE tenant_id = $1", tenant)
         return rows, activity_rows, [_record(e) for e in envelopes if e.tenant_id == str(tenant)], usage or 0
 
 
@@ -1271,7 +1271,7 @@ async def test_concurrent_retries_of_one_create_make_one_item(scene: Scene, admi
     raced = await asyncio.gather(*(attempt() for _ in range(4)))
     assert {item.id for item in raced} == {first.id}
     assert await _counts(admin_conn, scene, first) == (1, 1, 1)
-    usage = await admin_conn.fetchval("SELECT item_count FROM workflow.usage WHERE tenant_id = $1", scene.workspace_id)
+    usage = await admin_conn.fetchval("SELECT sum(item_count) FROM workflow.usage WHERE tenant_id = $1", scene.workspace_id)
     assert usage == 1
 
 

@@ -207,5 +207,5 @@ async def test_repositories_under_a_foreign_tenant_read_nothing_and_write_nothin
     for table in TENANT_TABLES:
         count = await admin_conn.fetchval(f"SELECT count(*) FROM workflow.{table} WHERE tenant_id = $1", b.id)
         assert count == 1, table
-    assert await admin_conn.fetchval("SELECT item_count FROM workflow.usage WHERE tenant_id = $1", b.id) == 1
+    assert await admin_conn.fetchval("SELECT sum(item_count) FROM workflow.usage WHERE tenant_id = $1", b.id) == 1
     assert await admin_conn.fetchval("SELECT status_category FROM workflow.items WHERE id = $1", b.item) == "BACKLOG"
