@@ -16,14 +16,15 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from gateway import errors, openapi
 from gateway.browser import BrowserAuth, BrowserHttpError
 from gateway.descriptors import domain_of
+from gateway.middleware import ContractDispatch, OriginOnlyCORSMiddleware
 from gateway.ratelimit import RateLimitMiddleware
 from gateway.routes import MethodNotAllowed, RouteMatch, RouteNotFound, RouteTable, contract_routes
 from gateway.routes import Route as RpcRoute
@@ -113,7 +114,10 @@ class Gateway:
             channel = self.channel_for(route.rpc.service)
             factory = channel.unary_stream if route.rpc.server_streaming else channel.unary_unary
             found = factory(
-                route.rpc.path, request_serializer=_serialize, response_deserializer=route.rpc.output_type.FromString
+                route.rpc.path,
+                request_serializer=_serialize,
+                response_deserializer=route.rpc.output_type.FromString,
+                _registered_method=True,  # as generated stubs do: the method path is interned once per channel
             )
             self._callables[route.rpc.path] = found
         return found
@@ -122,16 +126,23 @@ class Gateway:
         """Close every channel."""
         await asyncio.gather(*(channel.close() for channel in self.channels.values()))
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry of the contract routes (ContractDispatch calls it without going through the router)."""
+        request = Request(scope, receive, send)
+        response = await self.handle(request)
+        await response(scope, receive, send)
+
     async def handle(self, request: Request) -> Response:
         """Transcode one HTTP request into its RPC; never leaks a stack trace."""
         request_id = request_id_of(request)
-        log = logger.bind(request_id=request_id, method=request.method, path=request.url.path)
         try:
             return await self._handle(request, request_id)
         except ClientDisconnect:
             return Response(status_code=499)
         except Exception:
-            log.exception("gateway request failed")
+            logger.exception(
+                "gateway request failed", request_id=request_id, method=request.method, path=request.url.path
+            )
             return errors.internal_error(request_id)
 
     async def _handle(self, request: Request, request_id: str) -> Response:
@@ -164,7 +175,7 @@ class Gateway:
                 route,
                 variables=match.variables,
                 body=body,
-                query=request.query_params.multi_items(),
+                query=request.query_params.multi_items() if request.scope.get("query_string") else (),
                 http_method=request.method.upper(),
             )
         except TranscodeError as exc:
@@ -344,17 +355,17 @@ def create_app(
         return errors.internal_error(request_id)
 
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-    http_routes: list[BaseRoute] = [
+    local_routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *openapi.routes(document),
         *auth.routes(),
         *extra_http,
-        Route("/{path:path}", gateway.handle, methods=methods),
     ]
+    http_routes = [*local_routes, Route("/{path:path}", gateway.handle, methods=methods)]
     middleware = [
         Middleware(
-            CORSMiddleware,
+            OriginOnlyCORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_credentials=True,
             allow_methods=methods,
@@ -371,7 +382,15 @@ def create_app(
             expose_headers=["x-request-id", "retry-after", "www-authenticate"],
             max_age=600,
         ),
-        Middleware(RateLimitMiddleware, settings=settings.rate_limit, client_key=auth.client_key),
+        # Disabled, the limiter is left out rather than asked on every request.
+        *(
+            [Middleware(RateLimitMiddleware, settings=settings.rate_limit, client_key=auth.client_key)]
+            if settings.rate_limit.enabled
+            else []
+        ),
+        # Innermost: contract requests skip the router (and its exception middleware; Gateway.handle
+        # answers every failure itself).
+        Middleware(ContractDispatch, gateway=gateway, local_routes=local_routes, methods=methods),
     ]
     app = Starlette(
         routes=http_routes, middleware=middleware, lifespan=lifespan, exception_handlers={Exception: unexpected}

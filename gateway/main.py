@@ -11,21 +11,31 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings, GatewaySettingsError, load_settings
 
 
-def serve(settings: GatewaySettings) -> None:
-    """Serve until SIGTERM/SIGINT (the app is built inside uvicorn's event loop)."""
+def uvicorn_config(settings: GatewaySettings) -> uvicorn.Config:
+    """The uvicorn configuration of a gateway process (the app is built inside uvicorn's event loop)."""
 
     def factory() -> Starlette:
         return create_app(settings)
 
-    config = uvicorn.Config(
+    return uvicorn.Config(
         factory,
         factory=True,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        proxy_headers=True,
+        http="httptools",  # a dependency: the C parser, never h11 by accident
+        loop="auto",  # uvloop where installed (a dependency except on Windows)
+        access_log=settings.access_log,
+        # Proxy headers only from configured proxies: otherwise any local client could pick its rate-limit
+        # bucket with X-Forwarded-For, and every request would pay for parsing them.
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=list(settings.forwarded_allow_ips) or None,
     )
-    uvicorn.Server(config).run()
+
+
+def serve(settings: GatewaySettings) -> None:
+    """Serve until SIGTERM/SIGINT."""
+    uvicorn.Server(uvicorn_config(settings)).run()
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Per-client rate limiting: an in-memory token bucket per client, as ASGI middleware (429 + Retry-After).
 
 A client is the `sub` of its verified access token when it sends one (so users behind one NAT do not
-share a bucket), else its IP address (`scope["client"]`; run uvicorn with `--forwarded-allow-ips` for
-the proxy's `X-Forwarded-For` to count). Buckets live in one process: with N gateway replicas the
-effective limit is N times the configured one.
+share a bucket), else its IP address (`scope["client"]`; list the reverse proxy in
+`TESSERA_GATEWAY_FORWARDED_ALLOW_IPS` for its `X-Forwarded-For` to count). Buckets live in one process:
+with N gateway replicas the effective limit is N times the configured one.
 """
 
 from __future__ import annotations

@@ -207,35 +207,75 @@ class RouteMatch:
     variables: dict[str, str]
 
 
+class _Alternation:
+    """Routes tried in order by one regex: the first route whose template matches wins, as a loop would."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = tuple(routes)
+        # `(?P<r3>...)` around route 3, its variables renamed `r3v0`, `r3v1`...: the outer group closes last, so
+        # `lastgroup` names the route. Python's alternation takes the first alternative that fully matches.
+        alternatives = [
+            f"(?P<r{index}>" + re.sub(r"\(\?P<v(\d+)>", rf"(?P<r{index}v\1>", route.template.regex.pattern) + ")"
+            for index, route in enumerate(self.routes)
+        ]
+        self.regex = re.compile("|".join(alternatives)) if alternatives else None
+
+    def match(self, path: str) -> RouteMatch | None:
+        """The first route matching `path`, with its variables."""
+        found = self.regex.fullmatch(path) if self.regex is not None else None
+        if found is None or found.lastgroup is None:
+            return None
+        index = int(found.lastgroup[1:])
+        route = self.routes[index]
+        variables = {
+            name: unquote(found.group(f"r{index}v{position}")) for position, name in enumerate(route.template.variables)
+        }
+        return RouteMatch(route, variables)
+
+
 @dataclass
 class RouteTable:
-    """Routes keyed by HTTP method; lookup distinguishes unknown paths (404) from wrong methods (405)."""
+    """Routes keyed by HTTP method; lookup distinguishes unknown paths (404) from wrong methods (405).
+
+    Routes with a custom verb are tried first, across every method, then the plain ones. A verb route's
+    template ends in `:verb`, so a path without a colon skips them; the routes of one method and kind are
+    tried by one regex rather than one per route.
+    """
 
     routes: Sequence[Route]
     by_method: dict[str, list[Route]] = field(init=False)
+    _verb_routes: dict[str, list[Route]] = field(init=False, repr=False)
+    _plain_routes: dict[str, list[Route]] = field(init=False, repr=False)
+    _verb_alternations: dict[str, _Alternation] = field(init=False, repr=False)
+    _plain_alternations: dict[str, _Alternation] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.by_method = {}
         for route in sorted(self.routes, key=lambda r: r.specificity):
             self.by_method.setdefault(route.http_method, []).append(route)
+        self._verb_routes = {m: [r for r in rs if r.template.verb is not None] for m, rs in self.by_method.items()}
+        self._plain_routes = {m: [r for r in rs if r.template.verb is None] for m, rs in self.by_method.items()}
+        self._verb_alternations = {m: _Alternation(rs) for m, rs in self._verb_routes.items()}
+        self._plain_alternations = {m: _Alternation(rs) for m, rs in self._plain_routes.items()}
 
     def lookup(self, method: str, path: str) -> RouteMatch:
         """The matching route, raising RouteNotFound or MethodNotAllowed."""
         method = method.upper()
-        for verb_routes in (True, False):
-            allowed: set[str] = set()
-            for route in self._candidates(method):
-                if (route.template.verb is not None) == verb_routes:
-                    variables = route.template.match(path)
-                    if variables is not None:
-                        return RouteMatch(route, variables)
-            for other, routes in self.by_method.items():
-                for route in routes:
-                    if (route.template.verb is not None) == verb_routes and route.template.match(path) is not None:
-                        allowed.add(other)
+        if method == "HEAD":
+            method = "GET"
+        kinds = [(self._plain_alternations, self._plain_routes)]
+        if ":" in path:
+            kinds.insert(0, (self._verb_alternations, self._verb_routes))
+        for alternations, routes_by_method in kinds:
+            alternation = alternations.get(method)
+            found = alternation.match(path) if alternation is not None else None
+            if found is not None:
+                return found
+            allowed = {
+                other
+                for other, routes in routes_by_method.items()
+                if any(route.template.match(path) is not None for route in routes)
+            }
             if allowed:
                 raise MethodNotAllowed(allowed)
         raise RouteNotFound(path)
-
-    def _candidates(self, method: str) -> list[Route]:
-        return self.by_method.get("GET" if method == "HEAD" else method, [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Annotated, Any
 
@@ -37,6 +38,12 @@ class GatewaySettings(BaseSettings):
     default_deadline_seconds: float = Field(default=30.0, gt=0)
     max_deadline_seconds: float = Field(default=300.0, gt=0)
     log_level: str = "INFO"
+    access_log: bool = Field(default=False, description="uvicorn's access log line per request (costs CPU per request)")
+    forwarded_allow_ips: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="comma-separated IPs/CIDRs of reverse proxies whose X-Forwarded-For/-Proto are honoured "
+        "('*' for any); empty: those headers are ignored",
+    )
     api_title: str = "Tessera"
     api_version: str = "v1"
     browser: BrowserSettings = Field(default_factory=BrowserSettings)
@@ -47,6 +54,24 @@ class GatewaySettings(BaseSettings):
     def _split_origins(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("forwarded_allow_ips", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies_are_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            if entry != "*":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{entry!r} is not an IP address or CIDR") from None
         return value
 
     @model_validator(mode="before")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from functools import cache
 from typing import Any
 
 from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 
+from gateway import protojson
 from gateway.routes import Route
 
 FieldDescriptor = descriptor.FieldDescriptor
@@ -75,6 +77,16 @@ def _resolve(message_descriptor: MessageDescriptor, path: str) -> list[Field]:
                 raise TranscodeError(f"{path!r} does not name a nested field", field=path)
             current = found.message_type
     return fields
+
+
+@cache
+def _variable_fields(message_descriptor: MessageDescriptor, path: str) -> tuple[Field, ...]:
+    """`_resolve` for a path variable: the paths come from the route templates, so the cache stays small."""
+    return tuple(_resolve(message_descriptor, path))
+
+
+def _is_string_leaf(field: Field) -> bool:
+    return field.type == FieldDescriptor.TYPE_STRING and not _is_repeated(field)
 
 
 def _scalar_value(raw: str, field: Field, *, name: str) -> Any:
@@ -147,11 +159,19 @@ def build_request(
     elif not route.body and body.strip():
         raise TranscodeError("this route takes no request body")
     for path, raw in variables.items():
-        fields = _resolve(message_descriptor, path)
+        fields = _variable_fields(message_descriptor, path)
+        if raw.isascii() and _is_string_leaf(fields[-1]):
+            # What ParseDict does with an ASCII string for a string field, without building and walking a dict.
+            target = message
+            for parent in fields[:-1]:
+                target = getattr(target, parent.name)
+            setattr(target, fields[-1].name, raw)
+            continue
         tree = {}
         _assign(tree, fields, _scalar_value(raw, fields[-1], name=path))
         _merge(message, tree, culprit=path, field=path)
-    _apply_query(message, route, variables, query)
+    if query:
+        _apply_query(message, route, variables, query)
     if route.body and route.body != "*":
         _derive_update_mask(message, _resolve(message_descriptor, route.body), parsed, http_method=http_method)
     return message
@@ -232,7 +252,8 @@ def _body_paths(message_descriptor: MessageDescriptor, body: Mapping[str, Any], 
 
 def message_to_json(message: Message) -> dict[str, Any]:
     """Canonical protobuf JSON: lowerCamelCase, enums as names, int64 as strings, unpopulated fields emitted."""
-    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+    rendered: dict[str, Any] = protojson.to_json(message)
+    return rendered
 
 
 def render_response(route: Route, message: Message) -> Any:

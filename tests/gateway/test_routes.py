@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import pytest
 from google.api import http_pb2
 
 from gateway.routes import (
     MethodNotAllowed,
+    Route,
     RouteNotFound,
     RouteTable,
     RpcMethod,
@@ -133,3 +137,48 @@ def test_every_annotated_rpc_has_a_route() -> None:
     assert "/tessera.tenancy.v1.TenancyService/GetWorkspace" in names
     assert "/tessera.identity.v1.IdentityService/SignIn" in names
     assert all(route.rpc.input_type.DESCRIPTOR.full_name.endswith("Request") for route in routes)
+
+
+def _lookup_one_route_at_a_time(routes: list[Route], method: str, path: str) -> tuple[str, Any]:
+    """The table's rules spelled out route by route: verb routes first, 405 across methods, then plain routes."""
+    ordered = sorted(routes, key=lambda r: r.specificity)
+    wanted = "GET" if method == "HEAD" else method
+    for verb_routes in (True, False):
+        kind = [route for route in ordered if (route.template.verb is not None) == verb_routes]
+        for route in kind:
+            variables = route.template.match(path)
+            if route.http_method == wanted and variables is not None:
+                return "found", (route, variables)
+        allowed = {route.http_method for route in kind if route.template.match(path) is not None}
+        if allowed:
+            return "405", tuple(sorted(allowed))
+    return "404", None
+
+
+def _sample_paths(routes: list[Route]) -> list[str]:
+    """Paths each template matches, near misses of them, and escaped or odd variants."""
+    paths = {"/", "/v1", "/v1/", "/v1/workspaces/w:", "/v1/workspaces/w%3Aundelete", "/v1/users:signUp/x"}
+    for route in routes:
+        concrete = re.sub(r"\{[^}=]+\}", "id-1", route.template.source)
+        concrete = re.sub(r"\{[^}]+=([^}]+)\}", r"\1", concrete).replace("**", "a/b").replace("*", "x%20y")
+        paths.update({concrete, concrete + "/extra", concrete.rsplit("/", 1)[0], concrete + ":unknownVerb"})
+    return sorted(paths)
+
+
+def _table_outcome(table: RouteTable, method: str, path: str) -> tuple[str, Any]:
+    try:
+        found = table.lookup(method, path)
+    except MethodNotAllowed as exc:
+        return "405", exc.allowed
+    except RouteNotFound:
+        return "404", None
+    return "found", (found.route, found.variables)
+
+
+def test_table_lookup_equals_trying_each_route_in_order() -> None:
+    routes = contract_routes()
+    table = RouteTable(routes)
+    for path in _sample_paths(routes):
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+            expected = _lookup_one_route_at_a_time(routes, method, path)
+            assert _table_outcome(table, method, path) == expected, (method, path)
