@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -96,16 +96,19 @@ class Database:
         schema: str,
         pool_size: int = 10,
         echo: bool = False,
+        server_settings: Mapping[str, str] | None = None,
     ) -> None:
+        """`server_settings`: PostgreSQL settings for every connection of the pool, on top of the kit's."""
         self.service = service
         self.schema = schema
+        settings = {"application_name": f"tessera-{service}", "jit": "off", **(server_settings or {})}
         self.engine: AsyncEngine = create_async_engine(
             asyncpg_url(url),
             pool_size=pool_size,
             max_overflow=0,
             pool_pre_ping=False,
             echo=echo,
-            connect_args={"server_settings": {"application_name": f"tessera-{service}", "jit": "off"}},
+            connect_args={"server_settings": settings},
         )
         self.metadata = sa.MetaData()
         self.outbox = outbox_table(self.metadata, schema)

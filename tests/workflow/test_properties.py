@@ -1271,7 +1271,9 @@ async def test_concurrent_retries_of_one_create_make_one_item(scene: Scene, admi
     raced = await asyncio.gather(*(attempt() for _ in range(4)))
     assert {item.id for item in raced} == {first.id}
     assert await _counts(admin_conn, scene, first) == (1, 1, 1)
-    usage = await admin_conn.fetchval("SELECT sum(item_count) FROM workflow.usage WHERE tenant_id = $1", scene.workspace_id)
+    usage = await admin_conn.fetchval(
+        "SELECT sum(item_count) FROM workflow.usage WHERE tenant_id = $1", scene.workspace_id
+    )
     assert usage == 1
 
 

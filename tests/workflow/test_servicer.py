@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+import sqlalchemy as sa
 from google.protobuf import field_mask_pb2, struct_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
@@ -415,3 +416,10 @@ async def test_events_reach_jetstream_once_per_change(stub: Stub, keys: TestKeys
         ]
     finally:
         await subscription.unsubscribe()
+
+
+async def test_the_service_plans_every_statement_for_its_own_tenant(runtime: ServiceRuntime) -> None:
+    """Generic plans ignore how big the tenant is; the workflow pool always asks for custom plans."""
+    assert runtime.database is not None
+    async with runtime.database.unit_of_work(None) as uow:
+        assert await uow.fetchval(sa.text("SHOW plan_cache_mode")) == "force_custom_plan"
