@@ -446,11 +446,17 @@ def rfc3339(value: datetime) -> str:
 # --- the contract's messages -------------------------------------------------------------------------------
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    """A protobuf Timestamp of an aware datetime."""
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    """A protobuf Timestamp of an aware datetime (naive ones are refused).
+
+    The same value as `Timestamp.FromDatetime`, computed with one C-level subtraction: FromDatetime goes
+    through `calendar.timegm` in Python and was 5% of the service's CPU when listing pages of items.
+    """
+    delta = value - _EPOCH
+    return timestamp_pb2.Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
 
 
 def json_value(value: Any) -> struct_pb2.Value:

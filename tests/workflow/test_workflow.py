@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta, timezone
+
 import pytest
+from google.protobuf import timestamp_pb2
 
 from services.kit.errors import InvalidArgument
+from services.workflow.models import timestamp
 from services.workflow.workflow import (
     DEFAULT_WORKFLOW,
     CustomFieldDefinition,
@@ -202,3 +206,24 @@ class TestCustomFields:
         with pytest.raises(InvalidArgument) as caught:
             validate_custom_field_value(definition, value, path="item.custom_fields.f")
         assert [v.field for v in caught.value.violations] == ["item.custom_fields.f"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2026, 11, 29, 23, 30, 1, 123456, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),  # before the epoch: nanos stay positive
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 3, 29, 2, 30, tzinfo=timezone(timedelta(hours=-7, minutes=-30))),
+    ],
+)
+def test_timestamp_matches_protobufs_own_conversion(value: datetime) -> None:
+    expected = timestamp_pb2.Timestamp()
+    expected.FromDatetime(value)
+    assert timestamp(value) == expected
+
+
+def test_timestamp_refuses_a_naive_datetime() -> None:
+    with pytest.raises(TypeError):
+        timestamp(datetime(2026, 1, 1))  # the point of the test
