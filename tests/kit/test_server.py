@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY
 
 from services.kit.server import ServiceRuntime
 from tessera.tenancy.v1 import tenancy_pb2, tenancy_service_pb2, tenancy_service_pb2_grpc
+from tests.helpers import eventually
 from tests.kit.fake_service import SECRET_DETAIL, SERVICE, FakeTenancy, fake_binding, kit_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,11 +75,17 @@ async def test_health_serving_for_process_and_each_service_after_start(
         "tessera_rpc_requests_total", {"service": "grpc.health.v1.Health", "method": "Check", "code": "NOT_FOUND"}
     )
     assert await health_status(rt.port, "tessera.nope.v1.NopeService") == grpc.StatusCode.NOT_FOUND
-    # A handler's own context.abort() is counted with its code too.
-    after = REGISTRY.get_sample_value(
-        "tessera_rpc_requests_total", {"service": "grpc.health.v1.Health", "method": "Check", "code": "NOT_FOUND"}
-    )
-    assert after == (before or 0) + 1
+    # A handler's own context.abort() is counted with its code too. The interceptor records the call after
+    # the status has left, so the client can see it first: wait for the count.
+
+    async def counted() -> bool:
+        after = REGISTRY.get_sample_value(
+            "tessera_rpc_requests_total",
+            {"service": "grpc.health.v1.Health", "method": "Check", "code": "NOT_FOUND"},
+        )
+        return after == (before or 0) + 1
+
+    await eventually(counted, timeout=5, what="the NOT_FOUND health check to be counted")
 
 
 async def test_stop_reports_not_serving_then_lets_in_flight_rpc_finish(
