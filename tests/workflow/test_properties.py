@@ -33,6 +33,7 @@ import asyncio
 import copy
 import dataclasses
 import json
+import os
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -1047,6 +1048,10 @@ SETTINGS = settings(
     deadline=None,
     database=None,  # nothing written into the repository; a failure prints its steps and a reproduce blob
     print_blob=True,
+    # The same 80 sequences on every run: the coverage check below (MUST_SEE) is then a fact about the
+    # code, not a dice roll. Random seeds once missed the rare `archive, then change it` outcome in CI.
+    # Set TESSERA_HYPOTHESIS_RANDOM=1 to explore new sequences locally.
+    derandomize=not os.environ.get("TESSERA_HYPOTHESIS_RANDOM"),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 
