@@ -53,10 +53,10 @@ from bench_get_workspace import (
     sign_up_with_workspace,
     start_service,
 )
-from sqlalchemy.dialects import postgresql
 
 from migrations import runner
 from services.kit.ids import uuid7
+from services.kit.sql import Query
 from services.workflow.query import ItemQuery, compile_list
 from tessera.workflow.v1 import workflow_pb2, workflow_service_pb2, workflow_service_pb2_grpc
 from tessera_cli.embedded import free_port, wait_for_port
@@ -349,18 +349,19 @@ def main() -> None:
             bodies[key] = tmp / f"{key}.bin"
             bodies[key].write_bytes(grpc_frame(request.SerializeToString()))
 
-        compiled = compile_list(
-            ItemQuery(tenant_id=tenant, project_id=project_id, filter=list_filter, order_by=LIST_ORDER), {}
-        ).statement(None, 51)
-        sql = compiled.compile(dialect=postgresql.asyncpg.dialect(paramstyle="numeric_dollar"))  # type: ignore[attr-defined]
-        positional = [sql.params[name] for name in sql.positiontup or []]
+        # The service's own statement, compiled for asyncpg as its unit of work compiles it (kit.sql.Query).
+        list_query = Query(
+            compile_list(
+                ItemQuery(tenant_id=tenant, project_id=project_id, filter=list_filter, order_by=LIST_ORDER), {}
+            ).statement(None, 51)
+        )
         raw_list = {
             "label": RAW_LIST,
             "kind": "list",
             "url": workflow_url,
             "tenant": str(tenant),
-            "sql": str(sql),
-            "params": positional,
+            "sql": list_query.sql,
+            "params": list_query.arguments({}),
         }
         raw_create = {
             "label": RAW_CREATE,

@@ -174,6 +174,18 @@ class _Change:
     after: Any
 
 
+async def _replayed_item(
+    repository: ItemRepository, workspace_id: uuid.UUID, request_id: uuid.UUID, request_fingerprint: str | None
+) -> Item | None:
+    """The item an earlier CreateItem made under request_id (None if none); ALREADY_EXISTS for another payload."""
+    earlier = await repository.find_by_request_id(workspace_id=workspace_id, request_id=request_id)
+    if earlier is None:
+        return None
+    if earlier.request_fingerprint != request_fingerprint:
+        raise errors.request_id_reused(request_id, "item")
+    return earlier.item
+
+
 @functools.lru_cache(maxsize=1024)
 def _first_page_query(
     query: ItemQuery, field_types: tuple[tuple[str, str], ...], limit: int
@@ -472,11 +484,9 @@ class WorkflowService:
             request_fingerprint = fingerprint({"project": str(project_id), **values})
             # A retry returns the first item whatever changed since (its parent deleted, its assignee
             # gone): the references were checked when it was created.
-            earlier = await repository.find_by_request_id(workspace_id=workspace_id, request_id=request_id)
+            earlier = await _replayed_item(repository, workspace_id, request_id, request_fingerprint)
             if earlier is not None:
-                if earlier.request_fingerprint != request_fingerprint:
-                    raise errors.request_id_reused(request_id, "item")
-                return earlier.item
+                return earlier
         await self._check_assignee(uow, project, values["assignee"], field="item.assignee")
         await self._check_parent_exists(uow, project, values["parent_id"], field="item.parent")
         status = project.workflow.initial_state
@@ -492,15 +502,13 @@ class WorkflowService:
             request_id=request_id,
             request_fingerprint=request_fingerprint,
         )
-        if created is None:
+        if created is None:  # a concurrent call with the same request_id committed first
             if request_id is None:
                 raise Internal("item insert skipped without a request_id")
-            earlier = await repository.find_by_request_id(workspace_id=workspace_id, request_id=request_id)
+            earlier = await _replayed_item(repository, workspace_id, request_id, request_fingerprint)
             if earlier is None:
                 raise Internal("a conflicting request_id has no item")
-            if earlier.request_fingerprint != request_fingerprint:
-                raise errors.request_id_reused(request_id, "item")
-            return earlier.item
+            return earlier
         await self._record(uow, principal, [NewActivity(created, ActivityKind.CREATED, after=created.snapshot())])
         # Last: the usage row is the workspace's hot row, so it is locked for as short a time as possible.
         await self.check_item_quota(uow, workspace_id=workspace_id)
