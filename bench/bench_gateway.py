@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True, help="measure the bare proxy")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="py-spy the process under test in the first round (into DIR)"
+    )
     parser.add_argument("--serve-bare-proxy", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
@@ -144,6 +147,15 @@ def main() -> None:
         body = tmp / "get.bin"
         body.write_bytes(grpc_frame(tenancy_service_pb2.GetWorkspaceRequest(name=caller.workspace).SerializeToString()))
         rest_path = f"/v1/{caller.workspace}"
+        profiled: set[tuple[str, int]] = set()
+
+        def profile_path(process: str, c: int) -> Path | None:
+            """The first segment of each process at each concurrency is sampled with --profile."""
+            if args.profile is None or (process, c) in profiled:
+                return None
+            profiled.add((process, c))
+            return args.profile / f"{process}-c{c}.txt"
+
         paths: list[tuple[str, Callable[[int], Result]]] = [
             (
                 DIRECT,
@@ -164,6 +176,7 @@ def main() -> None:
                     processes["gateway"],
                     path=rest_path,
                     http1=True,
+                    profile=profile_path("gateway", c),
                 ),
             ),
         ]
@@ -182,6 +195,7 @@ def main() -> None:
                         processes["bare"],
                         path=rest_path,
                         http1=True,
+                        profile=profile_path("bare", c),
                     ),
                 )
             )

@@ -81,6 +81,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def py_spy(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes]:
+    """py-spy sampling process `pid` for `seconds` (collapsed stacks to `output`); needs `pip install py-spy`."""
+    executable = Path(sys.executable).with_name("py-spy")
+    if not executable.exists():
+        raise SystemExit("py-spy not found: .venv/bin/pip install py-spy")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    command = [str(executable), "record", "--pid", str(pid), "--duration", str(round(seconds)), "--rate", "250"]
+    command += ["--nonblocking", "--format", "raw", "--output", str(output)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def grpc_frame(message: bytes) -> bytes:
     return struct.pack(">BI", 0, len(message)) + message
 
@@ -97,8 +108,13 @@ def run_h2load(
     *,
     path: str = METHOD,
     http1: bool = False,
+    profile: Path | None = None,
 ) -> Result:
-    """One h2load segment: gRPC (a POST of `body` over HTTP/2) or, with `http1`, plain HTTP/1.1 requests."""
+    """One h2load segment: gRPC (a POST of `body` over HTTP/2) or, with `http1`, plain HTTP/1.1 requests.
+
+    With `profile`, py-spy samples `service` for the segment and writes its collapsed stacks there
+    (`bench/profile_summary.py` reads them).
+    """
     log = tmp / f"h2load-{uuid.uuid4().hex[:8]}.log"
     header_args = [arg for header in headers for arg in ("-H", header)]
     cmd = [
@@ -119,6 +135,7 @@ def run_h2load(
         "--log-file",
         str(log),
     ]
+    sampler = py_spy(service.pid, seconds + 2, profile) if profile else None
     service_before = service.cpu_times()
     proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     cpu = 0.0
@@ -130,6 +147,8 @@ def run_h2load(
             break
         time.sleep(0.2)  # sampling h2load's CPU time while it runs (a script, not a test)
     service_after = service.cpu_times()
+    if sampler is not None:
+        sampler.wait(30)
     service_cpu = (service_after.user + service_after.system - service_before.user - service_before.system) / (
         seconds + 2
     )  # h2load's warm-up included

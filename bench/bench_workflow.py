@@ -274,6 +274,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[32])
     parser.add_argument("--keep", action="store_true", help="keep the seeded database (its URL is printed)")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="py-spy the service in the first round's gRPC segments (into DIR)"
+    )
     args = parser.parse_args()
     if not shutil.which("h2load"):
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
@@ -302,7 +305,8 @@ def main() -> None:
             **os.environ,
             "TESSERA_NATS_URL": nats_url,
             "TESSERA_LOG_LEVEL": "WARNING",
-            "TESSERA_DB_POOL_SIZE": "20",
+            # As many connections as the raw baseline opens (one per concurrent request).
+            "TESSERA_DB_POOL_SIZE": str(max(args.concurrency)),
             "TESSERA_IDENTITY_ADDRESS": f"127.0.0.1:{ports['identity']}",
             "TESSERA_TENANCY_ADDRESS": f"127.0.0.1:{ports['tenancy']}",
         }
@@ -389,6 +393,7 @@ def main() -> None:
                             tmp,
                             processes["workflow"],
                             path=f"/tessera.workflow.v1.WorkflowService/{key}",
+                            profile=args.profile / f"{key}-c{c}.txt" if args.profile and round_number == 0 else None,
                         )
                     )
                     results.append(raw_run(raw, c, args.seconds, tmp))

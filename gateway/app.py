@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,11 +15,10 @@ import structlog
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import errors, openapi
 from gateway.browser import BrowserAuth, BrowserHttpError
@@ -52,7 +51,7 @@ class BodyTooLarge(Exception):
 def request_id_of(request: Request) -> str:
     """The client's x-request-id when well-formed, else a fresh one."""
     given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID.match(given) else os.urandom(16).hex()  # 32 hex digits, as uuid4().hex
 
 
 def parse_grpc_timeout(value: str) -> float | None:
@@ -318,6 +317,16 @@ def _response_headers(metadata: Iterable[tuple[str, str | bytes]], request_id: s
     return headers
 
 
+class _GatewayStarlette(Starlette):
+    """Starlette under the gateway's own outer layers (`outer_layers`), which take contract requests past it."""
+
+    outer_layers: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return self.outer_layers(stack) if self.outer_layers is not None else stack
+
+
 def create_app(
     settings: GatewaySettings, *, extra_routes: Sequence[RpcRoute] = (), extra_http: Sequence[BaseRoute] = ()
 ) -> Starlette:
@@ -363,38 +372,38 @@ def create_app(
         *extra_http,
     ]
     http_routes = [*local_routes, Route("/{path:path}", gateway.handle, methods=methods)]
-    middleware = [
-        Middleware(
-            OriginOnlyCORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_credentials=True,
-            allow_methods=methods,
-            allow_headers=[
-                "authorization",
-                "content-type",
-                "x-request-id",
-                "idempotency-key",
-                "grpc-timeout",
-                "traceparent",
-                "tracestate",
-                "x-csrf-token",
-            ],
-            expose_headers=["x-request-id", "retry-after", "www-authenticate"],
-            max_age=600,
-        ),
-        # Disabled, the limiter is left out rather than asked on every request.
-        *(
-            [Middleware(RateLimitMiddleware, settings=settings.rate_limit, client_key=auth.client_key)]
-            if settings.rate_limit.enabled
-            else []
-        ),
-        # Innermost: contract requests skip the router (and its exception middleware; Gateway.handle
-        # answers every failure itself).
-        Middleware(ContractDispatch, gateway=gateway, local_routes=local_routes, methods=methods),
-    ]
-    app = Starlette(
-        routes=http_routes, middleware=middleware, lifespan=lifespan, exception_handlers={Exception: unexpected}
-    )
+    cors = {
+        "allow_origins": settings.cors_origins,
+        "allow_credentials": True,
+        "allow_methods": methods,
+        "allow_headers": [
+            "authorization",
+            "content-type",
+            "x-request-id",
+            "idempotency-key",
+            "grpc-timeout",
+            "traceparent",
+            "tracestate",
+            "x-csrf-token",
+        ],
+        "expose_headers": ["x-request-id", "retry-after", "www-authenticate"],
+        "max_age": 600,
+    }
+    limiter = settings.rate_limit if settings.rate_limit.enabled else None
+
+    def outer_layers(stack: ASGIApp) -> ASGIApp:
+        """CORS, then rate limiting, then contract requests straight to the gateway; the rest to `stack`.
+
+        Contract requests skip Starlette's error middleware, router and exception middleware: Gateway.handle
+        answers every failure itself (and ContractDispatch backs it up). Local routes keep them all.
+        """
+        app: ASGIApp = ContractDispatch(stack, gateway=gateway, local_routes=local_routes, methods=methods)
+        if limiter is not None:  # disabled, the limiter is left out rather than asked on every request
+            app = RateLimitMiddleware(app, settings=limiter, client_key=auth.client_key)
+        return OriginOnlyCORSMiddleware(app, **cors)
+
+    app = _GatewayStarlette(routes=http_routes, lifespan=lifespan, exception_handlers={Exception: unexpected})
+    app.outer_layers = outer_layers
     app.state.gateway = gateway
     app.state.browser = auth
     return app

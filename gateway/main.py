@@ -9,6 +9,7 @@ from starlette.applications import Starlette
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings, GatewaySettingsError, load_settings
+from gateway.transport import CoalescingHttpToolsProtocol
 
 
 def uvicorn_config(settings: GatewaySettings) -> uvicorn.Config:
@@ -23,7 +24,8 @@ def uvicorn_config(settings: GatewaySettings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        http="httptools",  # a dependency: the C parser, never h11 by accident
+        # uvicorn's httptools protocol (the C parser, never h11 by accident), one socket write per response.
+        http=CoalescingHttpToolsProtocol,
         loop="auto",  # uvloop where installed (a dependency except on Windows)
         access_log=settings.access_log,
         # Proxy headers only from configured proxies: otherwise any local client could pick its rate-limit

@@ -3,7 +3,9 @@
 Every statement names the tenant itself, even though row-level security enforces the same rule: RLS is
 the backstop, not the only check. Times come from the database (`now()`, the transaction's start), so
 every row a transaction writes carries the same time. JSONB values are written as JSON text and read
-back as Python values (the driver's jsonb codec). Nothing here commits.
+back as Python values (the driver's jsonb codec), except a project's workflow and custom field
+definitions: they are read as text and parsed once per distinct text (every item change and list reads
+its project). Nothing here commits.
 
 Lock order, followed by every caller to stay free of deadlocks: the project row (`FOR KEY SHARE` by item
 changes, `FOR UPDATE` by project updates), then item rows (`FOR NO KEY UPDATE`, several in id order),
@@ -15,6 +17,7 @@ a locked item, so those never wait in a cycle with a batch holding the parent.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,15 +36,15 @@ from services.workflow.models import (
     Activity,
     ActivityKind,
     Item,
-    Priority,
     Project,
     activities,
+    item_from_row,
     items,
     members,
     projects,
     usage,
 )
-from services.workflow.workflow import Workflow, custom_fields_from_json
+from services.workflow.workflow import CustomFieldDefinition, Workflow, custom_fields_from_json
 
 Cursor = tuple[datetime, uuid.UUID]
 
@@ -61,13 +64,26 @@ _PROJECT_COLUMNS = (
     projects.c.id,
     projects.c.display_name,
     projects.c.description,
-    projects.c.workflow,
-    projects.c.custom_fields,
+    # As text: `_project` parses each distinct definition once (see `_parsed_workflow`).
+    sa.cast(projects.c.workflow, sa.Text).label("workflow"),
+    sa.cast(projects.c.custom_fields, sa.Text).label("custom_fields"),
     projects.c.creator,
     projects.c.create_time,
     projects.c.update_time,
     projects.c.version,
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_workflow(text: str) -> Workflow:
+    """A stored workflow, parsed once per distinct JSON text (`Workflow` is immutable, so it can be shared)."""
+    return Workflow.from_json(json.loads(text))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_custom_fields(text: str) -> tuple[CustomFieldDefinition, ...]:
+    """Stored custom field definitions, parsed once per distinct JSON text (immutable, like workflows)."""
+    return custom_fields_from_json(json.loads(text))
 
 
 def _project(row: Mapping[str, Any]) -> Project:
@@ -76,8 +92,8 @@ def _project(row: Mapping[str, Any]) -> Project:
         id=row["id"],
         display_name=row["display_name"],
         description=row["description"],
-        workflow=Workflow.from_json(row["workflow"]),
-        custom_fields=custom_fields_from_json(row["custom_fields"]),
+        workflow=_parsed_workflow(row["workflow"]),
+        custom_fields=_parsed_custom_fields(row["custom_fields"]),
         creator=row["creator"],
         create_time=row["create_time"],
         update_time=row["update_time"],
@@ -317,32 +333,6 @@ ITEM_COLUMNS = (
     items.c.delete_time,
     items.c.version,
 )
-
-
-def item_from_row(row: Mapping[str, Any]) -> Item:
-    """An item from a row with (at least) the columns of ITEM_COLUMNS."""
-    return Item(
-        workspace_id=row["tenant_id"],
-        id=row["id"],
-        project_id=row["project_id"],
-        title=row["title"],
-        description=row["description"],
-        status=row["status"],
-        status_category=row["status_category"],
-        priority=Priority(row["priority"]),
-        assignee=row["assignee"],
-        labels=tuple(row["labels"]),
-        due_time=row["due_time"],
-        custom_fields=row["custom_fields"],
-        parent_id=row["parent_id"],
-        creator=row["creator"],
-        updater=row["updater"],
-        create_time=row["create_time"],
-        update_time=row["update_time"],
-        archive_time=row["archive_time"],
-        delete_time=row["delete_time"],
-        version=row["version"],
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,7 +74,6 @@ from services.workflow.repository import (
     NewActivity,
     ProjectRepository,
     UsageRepository,
-    item_from_row,
 )
 from services.workflow.settings import DEFAULT_MAX_ITEMS_PER_WORKSPACE
 from services.workflow.workflow import (
@@ -872,7 +871,7 @@ class WorkflowService:
         token = ""
         if len(rows) > size:
             token = self.page_tokens.encode(compiled.cursor(rows[size - 1]), query_key=key, issued_to=issued_to)
-        return ItemPage([item_from_row(row) for row in rows[:size]], token)
+        return ItemPage(rows[:size], token)
 
     async def count_items(
         self,

@@ -23,6 +23,7 @@ from services.workflow.models import (
     activity_message,
     from_json_value,
     item_message,
+    item_messages_from_rows,
     parse_name,
     project_message,
 )
@@ -283,9 +284,7 @@ class WorkflowServicer:
                 requested_page_size=request.page_size,
                 page_token=request.page_token,
             )
-        return pb.ListItemsResponse(
-            items=[item_message(item) for item in page.items], next_page_token=page.next_page_token
-        )
+        return pb.ListItemsResponse(items=item_messages_from_rows(page.rows), next_page_token=page.next_page_token)
 
     async def CountItems(self, request: pb.CountItemsRequest, context: Any) -> pb.CountItemsResponse:
         """Count a project's matching items, grouped for board views."""

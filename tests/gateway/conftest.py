@@ -16,6 +16,7 @@ from starlette.types import ASGIApp
 
 from gateway.descriptors import domain_of
 from gateway.settings import GatewaySettings, load_settings
+from gateway.transport import CoalescingHttpToolsProtocol
 from tessera_cli.embedded import free_port
 from tests.e2e.stack import Mesh, running_mesh
 
@@ -26,9 +27,14 @@ MAX_BODY_BYTES = 64 * 1024
 
 @asynccontextmanager
 async def serve(app: ASGIApp) -> AsyncIterator[str]:
-    """Serve `app` with a real uvicorn server on a free loopback port; yields its base URL."""
+    """Serve `app` with a real uvicorn server on a free loopback port; yields its base URL.
+
+    The server speaks HTTP/1.1 through the gateway's own protocol class, as `python -m gateway.main` does.
+    """
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", http=CoalescingHttpToolsProtocol
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:

@@ -19,6 +19,7 @@ from gateway.descriptors import domains
 from gateway.main import uvicorn_config
 from gateway.middleware import ContractDispatch, OriginOnlyCORSMiddleware
 from gateway.settings import GatewaySettingsError, load_settings
+from gateway.transport import CoalescingHttpToolsProtocol
 from tests.gateway.conftest import serve
 
 pytestmark = pytest.mark.gate("S01")
@@ -137,7 +138,7 @@ def _settings(**overrides: Any) -> Any:
 
 def test_uvicorn_runs_lean_by_default_and_trusts_only_configured_proxies() -> None:
     default = uvicorn_config(_settings())
-    assert (default.http, default.access_log, default.proxy_headers) == ("httptools", False, False)
+    assert (default.http, default.access_log, default.proxy_headers) == (CoalescingHttpToolsProtocol, False, False)
 
     behind_proxy = uvicorn_config(_settings(forwarded_allow_ips="10.0.0.5, 10.1.0.0/16", access_log=True))
     assert behind_proxy.proxy_headers is True

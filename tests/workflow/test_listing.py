@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -10,7 +11,15 @@ import pytest
 from services.kit.errors import InvalidArgument, NotFound
 from services.kit.ids import uuid7
 from services.kit.principal import Principal
-from services.workflow.models import Item, ItemCounts, ItemPage, Priority, Project
+from services.workflow.models import (
+    Item,
+    ItemCounts,
+    ItemPage,
+    Priority,
+    Project,
+    item_message,
+    item_messages_from_rows,
+)
 from tests.workflow.conftest import Scene
 
 pytestmark = pytest.mark.gate("S04")
@@ -158,3 +167,30 @@ async def test_a_repeated_first_page_reuses_the_statement_but_reads_fresh_rows(s
     # Another project with the same filter is another statement (its own tenant and project values).
     other = await scene.create_project()
     assert (await list_page(scene, other, **options)).items == []
+
+
+async def test_list_pages_render_the_same_messages_as_single_items(
+    scene: Scene, board: tuple[Project, list[Item]]
+) -> None:
+    """ListItems renders rows straight to messages; they equal `item_message` of the same items."""
+    project, items = board
+    child = await scene.create_item(
+        project,
+        title="child",
+        parent=items[0].name,
+        due_time=datetime(2027, 3, 4, 5, 6, 7, 891011, tzinfo=UTC),
+        custom_fields={"estimate": 2.5, "team": "core"},
+    )
+    page = await list_page(scene, project, show_deleted=True, show_archived=True, requested_page_size=100)
+    by_name = {message.name: message for message in item_messages_from_rows(page.rows)}
+    expected = [*items, child]
+    assert sorted(by_name) == sorted(item.name for item in expected)
+    for item in expected:
+        single = await scene.get_item(item)
+        assert by_name[item.name] == item_message(single), item.name
+    # Every optional field is exercised: assignee, labels, parent, due, custom fields, archive and delete times.
+    rendered = list(by_name.values())
+    for field in ("due_time", "archive_time", "delete_time"):
+        assert any(message.HasField(field) for message in rendered), field
+    assert any(message.parent for message in rendered) and any(message.assignee for message in rendered)
+    assert any(message.custom_fields for message in rendered) and any(message.labels for message in rendered)
