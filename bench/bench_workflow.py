@@ -38,6 +38,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -275,6 +276,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[32])
     parser.add_argument("--keep", action="store_true", help="keep the seeded database (its URL is printed)")
     parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="workflow processes serving the one port (SO_REUSEPORT, as replicas behind a balancer would)",
+    )
+    parser.add_argument(
         "--profile", type=Path, metavar="DIR", help="py-spy the service in the first round's gRPC segments (into DIR)"
     )
     args = parser.parse_args()
@@ -327,6 +334,17 @@ def main() -> None:
             )
             if not wait_for_port("127.0.0.1", ports[name], 30):
                 raise SystemExit((tmp / f"{name}.log").read_text())
+        replicas = [processes["workflow"]]
+        for index in range(1, args.replicas):
+            module, env = plan["workflow"]
+            replica = start_service(
+                module, {**common, **env, "TESSERA_GRPC_PORT": str(ports["workflow"])}, tmp / f"workflow-{index}.log"
+            )
+            processes[f"workflow-{index}"] = replica
+            replicas.append(replica)
+            if not wait_for_listen(replica, ports["workflow"], 30):
+                raise SystemExit((tmp / f"workflow-{index}.log").read_text())
+        workflow = ProcessGroup(replicas)
         caller = asyncio.run(sign_up_with_workspace(ports["identity"], ports["tenancy"], ports["tenancy_open"]))
         project = asyncio.run(create_project(ports["workflow"], caller.token, caller.workspace))
         tenant = uuid.UUID(caller.workspace.split("/", 1)[1])
@@ -391,7 +409,7 @@ def main() -> None:
                             c,
                             args.seconds,
                             tmp,
-                            processes["workflow"],
+                            workflow,
                             path=f"/tessera.workflow.v1.WorkflowService/{key}",
                             profile=args.profile / f"{key}-c{c}.txt" if args.profile and round_number == 0 else None,
                         )
@@ -408,6 +426,28 @@ def main() -> None:
             asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
         for s in servers:
             s.stop()
+
+
+class ProcessGroup:
+    """The replicas of one service, measured as one: CPU times summed, py-spy on the first."""
+
+    def __init__(self, members: list[psutil.Popen]) -> None:
+        self.members = members
+        self.pid = members[0].pid
+
+    def cpu_times(self) -> Any:
+        times = [member.cpu_times() for member in self.members]
+        return SimpleNamespace(user=sum(t.user for t in times), system=sum(t.system for t in times))
+
+
+def wait_for_listen(process: psutil.Popen, port: int, seconds: float) -> bool:
+    """Whether `process` listens on `port` within `seconds` (the port is open already: another replica's)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in process.net_connections("tcp")):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def report(results: list[Result]) -> None:

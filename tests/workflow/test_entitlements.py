@@ -113,3 +113,44 @@ async def test_a_limit_above_the_shard_count_is_exact_under_concurrency(
     with pytest.raises(ResourceExhausted):
         await sharded.create_item(project, title="one too many")
     assert await usage(admin_conn, sharded) == limit
+
+
+async def test_a_create_that_finds_every_open_shard_held_waits_for_one_shard_only(
+    scene: Scene, workflow_db: Database, admin_url: str, admin_conn: asyncpg.Connection
+) -> None:
+    """Only shard 5 has room and another transaction holds it; a third holds the full shard 0.
+
+    The create waits for shard 5 alone: it commits as soon as shard 5's holder does, while shard 0 is
+    still held (locking every shard in order would wait for shard 0 first).
+    """
+    limited = Scene(workflow_db, make_service(max_items_per_workspace=160), scene.workspace_id, scene.by_role)
+    project = await limited.create_project()
+    await limited.create_item(project, title="creates the shard rows")
+    await admin_conn.execute(
+        "UPDATE workflow.usage SET item_count = CASE WHEN shard = 5 THEN 0 ELSE 10 END WHERE tenant_id = $1",
+        limited.workspace_id,
+    )
+    holder_of_5 = await asyncpg.connect(admin_url)
+    holder_of_0 = await asyncpg.connect(admin_url)
+    lock = "SELECT 1 FROM workflow.usage WHERE tenant_id = $1 AND shard = $2 FOR UPDATE"
+    try:
+        await holder_of_5.execute("BEGIN")
+        await holder_of_5.execute(lock, limited.workspace_id, 5)
+        await holder_of_0.execute("BEGIN")
+        await holder_of_0.execute(lock, limited.workspace_id, 0)
+        create = asyncio.create_task(limited.create_item(project, title="waits for shard 5"))
+        await asyncio.sleep(0.3)
+        assert not create.done()  # shard 5 is held
+        await holder_of_5.execute("COMMIT")
+        created = await asyncio.wait_for(create, timeout=5)  # shard 0 is still held
+        assert created.title == "waits for shard 5"
+        counts = dict(
+            await admin_conn.fetch(
+                "SELECT shard, item_count FROM workflow.usage WHERE tenant_id = $1", limited.workspace_id
+            )
+        )
+        assert counts[5] == 1 and sum(counts.values()) == 15 * 10 + 1
+    finally:
+        await holder_of_0.execute("ROLLBACK")
+        await holder_of_5.close()
+        await holder_of_0.close()
