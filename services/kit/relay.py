@@ -16,13 +16,15 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.dialects import postgresql
 
 from services.kit.broker import Broker
 from services.kit.db import Database
+from services.kit.sql import Query
 from tessera.common.v1.event_pb2 import EventEnvelope
 
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -80,6 +82,23 @@ class OutboxRelay:
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
         self._lock = asyncio.Lock()
+        outbox = db.outbox
+        # Compiled once and run on the asyncpg connection, as the unit of work runs its statements
+        # (services.kit.sql): SQLAlchemy's execution machinery cost more than the rest of a round.
+        self._select_batch = Query(
+            sa.select(outbox.c.id, outbox.c.nats_subject, outbox.c.envelope, outbox.c.created_at)
+            .order_by(outbox.c.id)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
+            .with_for_update(skip_locked=True)
+        )
+        self._delete_published = Query(
+            sa.delete(outbox).where(outbox.c.id == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(sa.Uuid))))
+        )
+        self._record_failure = Query(
+            sa.update(outbox)
+            .where(outbox.c.id == sa.bindparam("failed_id", type_=sa.Uuid))
+            .values(attempts=outbox.c.attempts + 1, last_error=sa.bindparam("error", type_=sa.Text))
+        )
         db.on_events_committed(self.wake)
         broker.on_reconnected(self._on_reconnected)
 
@@ -154,8 +173,9 @@ class OutboxRelay:
                 log.warning("outbox relay round failed", service=self.db.service, error=repr(error))
             if self._stopping:
                 return
-            if published and not failed:
-                continue  # the batch may have been full: go again at once
+            if published == self.batch_size and not failed:
+                continue  # a full batch: more rows may be waiting, go again at once
+            # Events committed during the round have set _wake again: the wait below returns at once.
             # After a failure only a reconnect (or stop) cuts the backoff short, not new events.
             event, delay = (self._retry_now, self._backoff()) if failed else (self._wake, self.poll_seconds)
             with contextlib.suppress(TimeoutError):
@@ -163,26 +183,23 @@ class OutboxRelay:
 
     async def relay_once(self) -> tuple[int, bool]:
         """One round: publish a locked batch and delete what JetStream acknowledged; (published, failed)."""
-        async with self._lock, self.db.engine.connect() as conn:
-            await conn.begin()
+        async with self._lock:
+            pooled = await self.db.engine.connect()
             try:
-                result = await self._relay_batch(conn)
-                await conn.commit()
+                driver = (await pooled.get_raw_connection()).driver_connection
+                assert driver is not None, "the pool handed out a closed connection"
+                async with driver.transaction():
+                    return await self._relay_batch(driver)
             except BaseException:
-                await conn.rollback()
+                # Failed or cancelled mid-statement: the connection's state is unknown, never reuse it.
+                await pooled.invalidate()
                 raise
-        return result
+            finally:
+                await pooled.close()
 
-    async def _relay_batch(self, conn: AsyncConnection) -> tuple[int, bool]:
-        outbox = self.db.outbox
-        rows = (
-            await conn.execute(
-                sa.select(outbox.c.id, outbox.c.nats_subject, outbox.c.envelope, outbox.c.created_at)
-                .order_by(outbox.c.id)
-                .limit(self.batch_size)
-                .with_for_update(skip_locked=True)
-            )
-        ).all()
+    async def _relay_batch(self, driver: asyncpg.Connection) -> tuple[int, bool]:
+        query = self._select_batch
+        rows = await driver.fetch(query.sql, *query.arguments({"limit": self.batch_size}))
         PENDING.labels(self.db.service).set(len(rows))
         if not rows:
             return 0, False
@@ -190,25 +207,23 @@ class OutboxRelay:
         failure: tuple[uuid.UUID, str] | None = None
         for row in rows:
             try:
-                await self._publish(row.id, row.nats_subject, row.envelope)
+                await self._publish(row["id"], row["nats_subject"], row["envelope"])
             except Exception as error:
-                failure = (row.id, f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS])
+                failure = (row["id"], f"{type(error).__name__}: {error}"[:MAX_ERROR_CHARS])
                 break  # keep the order: later rows wait for the next round
-            published.append(row.id)
-            PUBLISH_LAG.labels(self.db.service).observe(_lag_seconds(row.created_at))
+            published.append(row["id"])
+            PUBLISH_LAG.labels(self.db.service).observe(_lag_seconds(row["created_at"]))
         if published:
-            await conn.execute(sa.delete(outbox).where(outbox.c.id.in_(published)))
+            query = self._delete_published
+            await driver.execute(query.sql, *query.arguments({"ids": published}))
             PUBLISHED.labels(self.db.service).inc(len(published))
         PENDING.labels(self.db.service).set(len(rows) - len(published))
         if failure is None:
             self._failures = 0
             return len(published), False
         failed_id, error_text = failure
-        await conn.execute(
-            sa.update(outbox)
-            .where(outbox.c.id == failed_id)
-            .values(attempts=outbox.c.attempts + 1, last_error=error_text)
-        )
+        query = self._record_failure
+        await driver.execute(query.sql, *query.arguments({"failed_id": failed_id, "error": error_text}))
         self._failures += 1
         PUBLISH_FAILURES.labels(self.db.service).inc()
         log.warning(

@@ -31,6 +31,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from services.kit.db import UnitOfWork
+from services.kit.errors import Aborted
 from services.kit.ids import uuid7
 from services.kit.sql import Query
 from services.workflow.models import (
@@ -723,17 +724,21 @@ _RECORD_MEMBERSHIP = Query(
 
 # The live-item counter is split over USAGE_SHARDS rows per workspace, so concurrent creates in one
 # workspace do not queue on one row lock held until each commit's WAL flush. The limit stays exact:
-# shard i may hold `max // N` items, plus one for the first `max % N` shards, which sums to `max`; a
-# create is refused only when every shard is at its share. `count_item` tries, in order:
+# shard i may hold `max // N` items, plus one for the first `max % N` shards, which sums to `max`, and
+# no shard ever goes past its share, so the sum never passes `max`. `count_item` repeats, until it counts
+# or refuses:
 # 1. a random shard with room whose row no other transaction holds (SKIP LOCKED: it never waits);
-# 2. when every shard with room is held (more concurrent creates than shards), one of them picked at
-#    random from an unlocked read: it waits for that one row only, and counts there if it still has room
-#    once the holder commits (the UPDATE re-checks its condition on the row it waited for; a savepoint
-#    releases the row if it is full by then);
-# 3. otherwise (no rows yet, or every shard full as far as it can see), it locks every shard in shard
-#    order and decides exactly.
-# Step 2 once locked every shard, as step 3 does: with 32 creates in flight and 16 shards, each such
-# create waited for most of the others to commit (p99 400 ms in bench_workflow.py).
+# 2. a read of every shard without locks: if each one is at its share, the workspace is at its limit
+#    (as committed), and the create is refused;
+# 3. otherwise every shard with room is held by a transaction in flight: it waits for one of them,
+#    picked at random, and counts there if it still has room once the holder commits (the UPDATE
+#    re-checks its condition on the row it waited for).
+# No step waits for a second shard while holding one, so creates never deadlock on the counter: step
+# 3 runs in a savepoint whose rollback releases the row it found full. (Step 1 may keep a lock on a row
+# it found full on re-checking, but step 3 never waits for a full row.) An earlier version locked every
+# shard in order after step 1: with 32 creates in flight and 16 shards each of those waited for most of
+# the others to commit (p99 400 ms in bench_workflow.py), and could deadlock with such a kept lock.
+# `uncount_item` works the same way with "a shard above zero" for "a shard with room".
 USAGE_SHARDS = 16
 _TENANT = sa.bindparam("tenant", type_=sa.Uuid)
 _MAX = sa.bindparam("max", type_=sa.BigInteger)
@@ -765,17 +770,6 @@ _CREATE_SHARDS = Query(
         "ON CONFLICT (tenant_id, shard) DO NOTHING"
     ).bindparams(_TENANT)
 )
-_LOCK_SHARDS = Query(
-    sa.select(usage.c.shard, usage.c.item_count)
-    .where(usage.c.tenant_id == _TENANT)
-    .order_by(usage.c.shard)
-    .with_for_update()
-)
-_ADD_TO_SHARD = Query(
-    sa.update(usage)
-    .where(usage.c.tenant_id == _TENANT, usage.c.shard == sa.bindparam("shard", type_=sa.SmallInteger))
-    .values(item_count=usage.c.item_count + sa.bindparam("delta", type_=sa.BigInteger))
-)
 _UNCOUNT_ITEM_FAST = Query(
     sa.text(
         f"UPDATE {usage.fullname} AS u SET item_count = u.item_count - 1 "
@@ -784,6 +778,15 @@ _UNCOUNT_ITEM_FAST = Query(
         "WHERE u.tenant_id = :tenant AND u.shard = pick.shard RETURNING u.shard"
     ).bindparams(_TENANT)
 )
+_UNCOUNT_ITEM_IN_SHARD = Query(
+    sa.text(
+        f"UPDATE {usage.fullname} SET item_count = item_count - 1 "
+        "WHERE tenant_id = :tenant AND shard = :shard AND item_count > 0 RETURNING shard"
+    ).bindparams(_TENANT, sa.bindparam("shard", type_=sa.SmallInteger))
+)
+# Each round of count_item / uncount_item waits for another transaction's commit; this many rounds
+# without counting means the counter is changing faster than this transaction can follow.
+MAX_COUNTER_ROUNDS = 100
 _ITEM_COUNT = Query(sa.select(sa.func.coalesce(sa.func.sum(usage.c.item_count), 0)).where(usage.c.tenant_id == _TENANT))
 
 
@@ -820,39 +823,41 @@ class UsageRepository:
 
     async def count_item(self, *, workspace_id: uuid.UUID, maximum: int) -> bool:
         """Count one more live item unless the workspace is at `maximum`; False at the limit."""
-        if await self.uow.fetchval(_COUNT_ITEM_FAST, tenant=workspace_id, max=maximum) is not None:
-            return True
-        seen = await self.uow.fetch(_READ_SHARDS, tenant=workspace_id)
-        with_room = [row["shard"] for row in seen if row["item_count"] < shard_share(row["shard"], maximum)]
-        if with_room:  # all of them held by other transactions: wait for one
-            # In a savepoint: an UPDATE that waited for a row and then found it full still holds its lock
-            # (READ COMMITTED locks the newest version before re-checking), which would break the shard
-            # order of the exact decision below; rolling back to the savepoint releases it.
-            await self.uow.execute(_SAVEPOINT)
-            counted = await self.uow.fetchval(
-                _COUNT_ITEM_IN_SHARD, tenant=workspace_id, shard=random.choice(with_room), max=maximum
-            )
-            await self.uow.execute(_RELEASE if counted is not None else _ROLLBACK_TO)
-            if counted is not None:
+        for _ in range(MAX_COUNTER_ROUNDS):
+            if await self.uow.fetchval(_COUNT_ITEM_FAST, tenant=workspace_id, max=maximum) is not None:
                 return True
-        shards = await self.uow.fetch(_LOCK_SHARDS, tenant=workspace_id)
-        if not shards:  # the workspace's first item: create its shard rows, then decide under their locks
-            await self.uow.execute(_CREATE_SHARDS, tenant=workspace_id)
-            shards = await self.uow.fetch(_LOCK_SHARDS, tenant=workspace_id)
-        for row in shards:
-            if row["item_count"] < shard_share(row["shard"], maximum):
-                await self.uow.execute(_ADD_TO_SHARD, tenant=workspace_id, shard=row["shard"], delta=1)
+            seen = await self.uow.fetch(_READ_SHARDS, tenant=workspace_id)
+            if not seen:  # the workspace's first item (or a concurrent first create's rows not committed yet)
+                await self.uow.execute(_CREATE_SHARDS, tenant=workspace_id)
+                continue
+            with_room = [row["shard"] for row in seen if row["item_count"] < shard_share(row["shard"], maximum)]
+            if not with_room:
+                return False
+            if await self._in_one_shard(_COUNT_ITEM_IN_SHARD, workspace_id, random.choice(with_room), max=maximum):
                 return True
-        return False
+        raise Aborted("the workspace's item counter is contended; retry the request")
 
     async def uncount_item(self, *, workspace_id: uuid.UUID) -> None:
         """One live item fewer (taken from any shard: only the sum matters)."""
-        if await self.uow.fetchval(_UNCOUNT_ITEM_FAST, tenant=workspace_id) is not None:
-            return
-        for row in await self.uow.fetch(_LOCK_SHARDS, tenant=workspace_id):
-            if row["item_count"] > 0:
-                await self.uow.execute(_ADD_TO_SHARD, tenant=workspace_id, shard=row["shard"], delta=-1)
+        for _ in range(MAX_COUNTER_ROUNDS):
+            if await self.uow.fetchval(_UNCOUNT_ITEM_FAST, tenant=workspace_id) is not None:
                 return
+            seen = await self.uow.fetch(_READ_SHARDS, tenant=workspace_id)
+            above_zero = [row["shard"] for row in seen if row["item_count"] > 0]
+            if not above_zero:  # nothing counted (rows loaded around the service): nothing to take back
+                return
+            if await self._in_one_shard(_UNCOUNT_ITEM_IN_SHARD, workspace_id, random.choice(above_zero)):
+                return
+        raise Aborted("the workspace's item counter is contended; retry the request")
+
+    async def _in_one_shard(self, statement: Query, workspace_id: uuid.UUID, shard: int, **params: Any) -> bool:
+        """Run a conditional shard UPDATE that may wait for the row; release the row if it did not apply."""
+        await self.uow.execute(_SAVEPOINT)
+        applied = await self.uow.fetchval(statement, tenant=workspace_id, shard=shard, **params) is not None
+        # Rolled back, the UPDATE lets go of the row it locked to re-check (READ COMMITTED locks the
+        # newest version first, and keeps the lock when the condition then fails).
+        await self.uow.execute(_RELEASE if applied else _ROLLBACK_TO)
+        return applied
 
     async def item_count(self, *, workspace_id: uuid.UUID) -> int:
         """The workspace's live items as counted."""

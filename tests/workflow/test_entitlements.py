@@ -154,3 +154,26 @@ async def test_a_create_that_finds_every_open_shard_held_waits_for_one_shard_onl
         await holder_of_0.execute("ROLLBACK")
         await holder_of_5.close()
         await holder_of_0.close()
+
+
+async def test_concurrent_creates_and_deletes_at_the_limit_keep_the_count_exact(
+    scene: Scene, workflow_db: Database, admin_conn: asyncpg.Connection
+) -> None:
+    """Creates and deletes racing at the limit: no deadlock, never past the limit, the count is the live items."""
+    limit = 20
+    sharded = Scene(workflow_db, make_service(max_items_per_workspace=limit), scene.workspace_id, scene.by_role)
+    project = await sharded.create_project()
+    existing = [await sharded.create_item(project, title=f"existing {i}") for i in range(limit)]
+    operations = [sharded.mark("delete", item) for item in existing[:12]]
+    operations += [sharded.create_item(project, title=f"racing {i}") for i in range(36)]
+    results = await asyncio.gather(*operations, return_exceptions=True)
+    unexpected = [r for r in results if isinstance(r, BaseException) and not isinstance(r, ResourceExhausted)]
+    assert not unexpected
+    assert all(not isinstance(r, BaseException) for r in results[:12])  # deletes are never refused
+    live = await admin_conn.fetchval(
+        "SELECT count(*) FROM workflow.items WHERE tenant_id = $1 AND delete_time IS NULL", sharded.workspace_id
+    )
+    assert live <= limit
+    assert await usage(admin_conn, sharded) == live
+    created = sum(not isinstance(r, BaseException) for r in results[12:])
+    assert live == limit - 12 + created
