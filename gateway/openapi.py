@@ -334,12 +334,16 @@ class _Builder:
         if required:
             schema["required"] = required
         lines = [self.comments.get(message.full_name, "")]
+        at_most_one: list[JsonObject] = []
         for oneof in message.oneofs:
             if _synthetic(oneof.name, oneof.fields[0]):
                 continue
             members = ", ".join(f"`{f.json_name}`" for f in oneof.fields)
             comment = " ".join(self.comments.get(f"{message.full_name}.{oneof.name}", "").splitlines())
             lines.append(f"Oneof `{oneof.name}` (at most one of {members}). {comment}".strip())
+            at_most_one.append(_at_most_one([f.json_name for f in oneof.fields]))
+        if at_most_one:
+            schema["allOf"] = at_most_one
         description = "\n\n".join(line for line in lines if line)
         if description:
             schema["description"] = description
@@ -352,6 +356,16 @@ def component_schemas(messages: list[Descriptor], *, comments: dict[str, str] | 
     for message in messages:
         builder.ref(message)
     return dict(sorted(builder.schemas.items()))
+
+
+def _at_most_one(names: list[str]) -> JsonObject:
+    """A oneof in JSON Schema: exactly one of its members is present, or none of them.
+
+    (The JSON mapping writes a oneof's member only when it is set, and the gateway refuses a request that
+    sets two.) The proto names are accepted in requests too, but the schema names the JSON names.
+    """
+    present = [{"required": [name]} for name in names]
+    return {"oneOf": [*present, {"not": {"anyOf": present}}]}
 
 
 def _synthetic(oneof_name: str, field: FieldDescriptor) -> bool:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 import uvicorn
-from google.api import annotations_pb2
-from google.protobuf import descriptor_pb2
+from google.api import annotations_pb2, http_pb2
+from google.protobuf import descriptor_pb2, json_format
 from openapi_spec_validator import validate
 from starlette.applications import Starlette
 
@@ -194,3 +196,24 @@ async def test_openapi_json_and_offline_docs_are_served(document: dict[str, Any]
         assert "http" not in init.text
         assert (await client.get("/docs/assets/..%2F__init__.py")).status_code == 404
         assert (await client.get("/docs/assets/missing.js")).status_code == 404
+
+
+def test_a_oneof_is_a_schema_constraint_of_at_most_one_member() -> None:
+    """google.api.HttpRule's `pattern` oneof: get, put, post, delete, patch and custom."""
+    schemas = component_schemas([http_pb2.HttpRule.DESCRIPTOR], comments={})
+    rule = schemas["google.api.HttpRule"]
+    assert len(rule["allOf"]) == 1
+    members = {"get", "put", "post", "delete", "patch", "custom"}
+    assert {entry["required"][0] for entry in rule["allOf"][0]["oneOf"] if "required" in entry} == members
+    assert "Oneof `pattern`" in rule["description"]
+    # Checked as JSON Schema, on the JSON the gateway writes for real HttpRules.
+    checked = json.loads(json.dumps({**rule, "$defs": schemas}).replace("#/components/schemas/", "#/$defs/"))
+    validator = jsonschema.Draft202012Validator(checked)
+    for message in (
+        http_pb2.HttpRule(get="/v1/x"),
+        http_pb2.HttpRule(custom=http_pb2.CustomHttpPattern(kind="HEAD", path="/v1/x")),
+        http_pb2.HttpRule(selector="only.a.selector"),
+    ):
+        validator.validate(json_format.MessageToDict(message))
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate({"get": "/v1/x", "post": "/v1/x"})
