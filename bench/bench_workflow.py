@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import pickle
@@ -314,6 +315,7 @@ def main() -> None:
             "TESSERA_LOG_LEVEL": "WARNING",
             # As many connections as the raw baseline opens (one per concurrent request).
             "TESSERA_DB_POOL_SIZE": str(max(args.concurrency)),
+            "TESSERA_GRPC_REUSE_PORT": "true" if args.replicas > 1 else "false",
             "TESSERA_IDENTITY_ADDRESS": f"127.0.0.1:{ports['identity']}",
             "TESSERA_TENANCY_ADDRESS": f"127.0.0.1:{ports['tenancy']}",
         }
@@ -418,8 +420,9 @@ def main() -> None:
         report(results)
     finally:
         for process in processes.values():
-            process.terminate()
-            process.wait(20)
+            with contextlib.suppress(psutil.NoSuchProcess):  # one that failed to start is gone already
+                process.terminate()
+                process.wait(20)
         if args.keep:
             print(f"kept the database: {admin}")
         else:

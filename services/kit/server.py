@@ -37,7 +37,6 @@ from services.kit.tokens import GrpcJwksProvider, TokenVerifier
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.so_reuseport", 0),  # a port in use is an error, never a silently shared listener
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 60_000),
@@ -134,7 +133,9 @@ class ServiceRuntime:
             # OpenTelemetry first (remote trace context, server span), the kit interceptor last. Without an
             # exporter it is left out: even with the no-op tracer it costs about 0.1 ms of CPU per RPC.
             interceptors.insert(0, aio_server_interceptor())  # type: ignore[no-untyped-call]  # untyped library
-        server = grpc.aio.server(interceptors=interceptors, options=list(SERVER_OPTIONS))
+        # A port in use is an error, never a silently shared listener, unless sharing is asked for.
+        reuse_port = ("grpc.so_reuseport", 1 if self.settings.grpc_reuse_port else 0)
+        server = grpc.aio.server(interceptors=interceptors, options=[reuse_port, *SERVER_OPTIONS])
         for binding in self.bindings:
             binding.add_to_server(binding.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -46,6 +46,11 @@ class KitSettings(BaseSettings):
     shutdown_drain_seconds: float = Field(
         default=0.0, ge=0, description="NOT_SERVING is reported this long before the server stops accepting calls"
     )
+    grpc_reuse_port: bool = Field(
+        default=False,
+        description="let several processes serve TESSERA_GRPC_PORT (replicas on one machine: the kernel spreads "
+        "connections over them); otherwise a port in use is an error",
+    )
     db_pool_size: int = Field(default=10, ge=1, le=200)
     outbox_poll_seconds: float = Field(default=0.5, gt=0)
     otel_exporter: Literal["none", "console", "otlp"] = "none"

@@ -368,7 +368,7 @@ class ProjectPage:
 class ItemPage:
     """One page of items, as rows of `repository.ITEM_COLUMNS`, and the token of the next one.
 
-    Rows, not `Item`s: a page goes straight to its messages (`item_messages_from_rows`).
+    Rows, not `Item`s: a page goes straight to its messages (`add_item_messages`).
     """
 
     rows: Sequence[Mapping[str, Any]] = ()
@@ -570,14 +570,15 @@ def item_from_row(row: Mapping[str, Any]) -> Item:
     )
 
 
-def item_messages_from_rows(rows: Sequence[Mapping[str, Any]]) -> list[workflow_pb2.Item]:
-    """The contract form of item rows (the columns of `repository.ITEM_COLUMNS`), without an `Item` between.
+def add_item_messages(items: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Append the contract form of item rows (the columns of `repository.ITEM_COLUMNS`) to `items`.
 
-    The same messages as `item_message(item_from_row(row))`, which a test checks field by field: a page of
-    50 items is built here in about half the time, since it skips 50 frozen dataclasses and their
-    properties. Query results are the hot path of the service.
+    `items` is a repeated Item field (e.g. `ListItemsResponse.items`): each message is built in place,
+    with no `Item` between, since a message built apart is copied when it joins a repeated field. The
+    messages equal `item_message(item_from_row(row))`, which a test checks field by field; a page of 50
+    is built here in about a third of the time. Query results are the hot path of the service.
     """
-    messages = []
+    add = items.add
     prefixes: dict[tuple[uuid.UUID, uuid.UUID], str] = {}
     epoch = _EPOCH
     for row in rows:
@@ -587,7 +588,7 @@ def item_messages_from_rows(rows: Sequence[Mapping[str, Any]]) -> list[workflow_
             prefix = prefixes[scope] = f"{project_name(*scope)}/items/"
         assignee, parent, archived = row["assignee"], row["parent_id"], row["archive_time"]
         custom = row["custom_fields"]
-        message = workflow_pb2.Item(
+        message = add(
             name=f"{prefix}{row['id']}",
             title=row["title"],
             description=row["description"],
@@ -616,8 +617,6 @@ def item_messages_from_rows(rows: Sequence[Mapping[str, Any]]) -> list[workflow_
             message.archive_time.CopyFrom(timestamp(archived))
         if deleted is not None:
             message.delete_time.CopyFrom(timestamp(deleted))
-        messages.append(message)
-    return messages
 
 
 def activity_message(activity: Activity) -> workflow_pb2.Activity:

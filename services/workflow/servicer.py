@@ -21,9 +21,9 @@ from services.workflow.models import (
     ItemFields,
     ItemUpdate,
     activity_message,
+    add_item_messages,
     from_json_value,
     item_message,
-    item_messages_from_rows,
     parse_name,
     project_message,
 )
@@ -284,7 +284,9 @@ class WorkflowServicer:
                 requested_page_size=request.page_size,
                 page_token=request.page_token,
             )
-        return pb.ListItemsResponse(items=item_messages_from_rows(page.rows), next_page_token=page.next_page_token)
+        response = pb.ListItemsResponse(next_page_token=page.next_page_token)
+        add_item_messages(response.items, page.rows)
+        return response
 
     async def CountItems(self, request: pb.CountItemsRequest, context: Any) -> pb.CountItemsResponse:
         """Count a project's matching items, grouped for board views."""

@@ -154,6 +154,25 @@ async def test_port_in_use_is_refused_with_the_address() -> None:
         await first.stop()
 
 
+async def test_replicas_share_a_port_when_asked_and_each_serves_it() -> None:
+    first = ServiceRuntime(
+        name="a", settings=kit_settings(grpc_reuse_port=True), bindings=[fake_binding(FakeTenancy())]
+    )
+    port = await first.start()
+    second = ServiceRuntime(
+        name="b", settings=kit_settings(grpc_port=port, grpc_reuse_port=True), bindings=[fake_binding(FakeTenancy())]
+    )
+    try:
+        assert await second.start() == port
+        assert await health_status(port, SERVICE) == SERVING
+        await first.stop()
+        # The port stays served: new connections go to the replica left.
+        assert await health_status(port, SERVICE) == SERVING
+    finally:
+        await first.stop()
+        await second.stop()
+
+
 class RecordingBackground:
     def __init__(self, name: str, log: list[str], runtime_ref: list[ServiceRuntime]) -> None:
         self.name = name

@@ -149,7 +149,8 @@ async def test_a_create_that_finds_every_open_shard_held_waits_for_one_shard_onl
                 "SELECT shard, item_count FROM workflow.usage WHERE tenant_id = $1", limited.workspace_id
             )
         )
-        assert counts[5] == 1 and sum(counts.values()) == 15 * 10 + 1
+        assert counts[5] == 1
+        assert sum(counts.values()) == 15 * 10 + 1
     finally:
         await holder_of_0.execute("ROLLBACK")
         await holder_of_5.close()

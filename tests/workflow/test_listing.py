@@ -17,9 +17,10 @@ from services.workflow.models import (
     ItemPage,
     Priority,
     Project,
+    add_item_messages,
     item_message,
-    item_messages_from_rows,
 )
+from tessera.workflow.v1 import workflow_service_pb2 as pb
 from tests.workflow.conftest import Scene
 
 pytestmark = pytest.mark.gate("S04")
@@ -182,7 +183,9 @@ async def test_list_pages_render_the_same_messages_as_single_items(
         custom_fields={"estimate": 2.5, "team": "core"},
     )
     page = await list_page(scene, project, show_deleted=True, show_archived=True, requested_page_size=100)
-    by_name = {message.name: message for message in item_messages_from_rows(page.rows)}
+    response = pb.ListItemsResponse()
+    add_item_messages(response.items, page.rows)
+    by_name = {message.name: message for message in response.items}
     expected = [*items, child]
     assert sorted(by_name) == sorted(item.name for item in expected)
     for item in expected:
@@ -192,5 +195,7 @@ async def test_list_pages_render_the_same_messages_as_single_items(
     rendered = list(by_name.values())
     for field in ("due_time", "archive_time", "delete_time"):
         assert any(message.HasField(field) for message in rendered), field
-    assert any(message.parent for message in rendered) and any(message.assignee for message in rendered)
-    assert any(message.custom_fields for message in rendered) and any(message.labels for message in rendered)
+    assert any(message.parent for message in rendered)
+    assert any(message.assignee for message in rendered)
+    assert any(message.custom_fields for message in rendered)
+    assert any(message.labels for message in rendered)
