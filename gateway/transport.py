@@ -2,10 +2,11 @@
 
 uvicorn writes a response's status line and headers as soon as the app sends `http.response.start`,
 then the body when it sends `http.response.body`: two `send` system calls, and two packets for the client
-to read, for every unary JSON response. `CoalescingTransport` holds what is written during one pass of the
-event loop and hands it to the socket in one write at the end of that pass (or before a close), so a
-response whose start and body are sent back to back (every transcoded unary call) leaves in one piece.
-Streams are unaffected apart from that: each event still leaves in the pass that wrote it.
+to read, for every unary JSON response. `CoalescingTransport` holds a lone write until the next one,
+which it joins and sends at once, or until the end of the event loop's pass (or a close), whichever comes
+first. A response whose start and body are sent back to back (every transcoded unary call) leaves in one
+piece and without waiting for the rest of the pass; a stream's events still leave in the pass that
+wrote them.
 """
 
 from __future__ import annotations
@@ -17,21 +18,29 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
 class CoalescingTransport(asyncio.Transport):
-    """A transport that joins the writes of one event-loop pass into one write of the wrapped transport."""
+    """A transport that sends two writes in a row as one write of the wrapped transport."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
+        self._flush_scheduled = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue `data`; the first write of a pass schedules the flush at the end of the pass."""
+        """Hold `data` until the next write or the end of this loop pass; with a write held, send both now."""
         if not data:
             return
-        if not self._pending:
-            self._loop.call_soon(self.flush)
         self._pending.append(bytes(data))
+        if len(self._pending) > 1:
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._end_of_pass)
+
+    def _end_of_pass(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
 
     def writelines(self, list_of_data: Any) -> None:
         """Queue each chunk (see `write`)."""

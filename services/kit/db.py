@@ -236,19 +236,21 @@ class UnitOfWork:
         try:
             if exc_type is None:
                 if self._pending:
-                    await driver.executemany(
-                        self.db.outbox_insert.sql,
-                        [
-                            self.db.outbox_insert.arguments(
-                                {
-                                    "id": uuid.UUID(envelope.id),
-                                    "nats_subject": nats_subject,
-                                    "envelope": envelope.SerializeToString(),
-                                }
-                            )
-                            for envelope, nats_subject in self._pending
-                        ],
-                    )
+                    insert = self.db.outbox_insert
+                    rows = [
+                        insert.arguments(
+                            {
+                                "id": uuid.UUID(envelope.id),
+                                "nats_subject": nats_subject,
+                                "envelope": envelope.SerializeToString(),
+                            }
+                        )
+                        for envelope, nats_subject in self._pending
+                    ]
+                    if len(rows) == 1:  # the common case: execute costs less than a batch of one
+                        await driver.execute(insert.sql, *rows[0])
+                    else:
+                        await driver.executemany(insert.sql, rows)
                 await driver.execute("COMMIT")
                 outcome = "commit"
                 committed_events = bool(self._pending)

@@ -23,7 +23,7 @@ import unicodedata
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -97,6 +97,7 @@ MAX_PAGE_SIZE = 1000
 MAX_BATCH_UPDATES = 100
 UPDATABLE_PROJECT_FIELDS: tuple[str, ...] = ("display_name", "description", "workflow", "custom_fields")
 GROUPINGS = frozenset({"", "status", "assignee", "label"})
+_UNSAVED = datetime(1970, 1, 1, tzinfo=UTC)  # the times of an item not inserted yet (no snapshot holds them)
 
 _SERVICE = workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"]
 
@@ -489,17 +490,34 @@ class WorkflowService:
         await self._check_assignee(uow, project, values["assignee"], field="item.assignee")
         await self._check_parent_exists(uow, project, values["parent_id"], field="item.parent")
         status = project.workflow.initial_state
+        category = project.workflow.category_of(status).value
         actor = actor_name(principal)
+        # The CREATED entry is written by the same statement as the item: its snapshot comes from the values
+        # (Item.snapshot holds no column the database fills in).
+        unsaved = Item(
+            workspace_id=workspace_id,
+            id=item_id,
+            project_id=project_id,
+            status=status,
+            status_category=category,
+            creator=actor,
+            updater=actor,
+            create_time=_UNSAVED,
+            update_time=_UNSAVED,
+            **values,
+        )
         created = await repository.insert(
             workspace_id=workspace_id,
             project_id=project_id,
             item_id=item_id,
             values=values,
             status=status,
-            status_category=project.workflow.category_of(status).value,
+            status_category=category,
             actor=actor,
             request_id=request_id,
             request_fingerprint=request_fingerprint,
+            snapshot=unsaved.snapshot(),
+            log_request_id=request_id_var.get() or "",
         )
         if created is None:  # a concurrent call with the same request_id committed first
             if request_id is None:
@@ -508,7 +526,6 @@ class WorkflowService:
             if earlier is None:
                 raise Internal("a conflicting request_id has no item")
             return earlier
-        await self._record(uow, principal, [NewActivity(created, ActivityKind.CREATED, after=created.snapshot())])
         # Last: the usage row is the workspace's hot row, so it is locked for as short a time as possible.
         await self.check_item_quota(uow, workspace_id=workspace_id)
         uow.emit(

@@ -64,11 +64,18 @@ class TestCreateItem:
         [row] = await activity_rows(admin_conn, item)
         assert (row["kind"], row["field"], row["before"], row["actor"]) == ("CREATED", "", None, item.creator)
         assert json.loads(row["after"])["title"] == "Write the docs"
+        # Logged by the insert itself, from the request's values: the same as the stored item's snapshot.
+        assert json.loads(row["after"]) == item.snapshot()
+        assert row["request_id"] == ""  # no request id outside an RPC
         [envelope] = await outbox_events(admin_conn, tenant=scene.workspace_id, event_type=ITEM_CREATED)
         event = workflow_events_pb2.ItemCreatedEvent()
         assert envelope.payload.Unpack(event)
         assert (event.item.name, event.item.status, event.item.assignee) == (item.name, "backlog", assignee)
         assert envelope.subject == item.name
+        child = await scene.create_item(project, title="A part", parent=item.name, labels=("x",))
+        [child_row] = await activity_rows(admin_conn, child)
+        assert json.loads(child_row["after"]) == child.snapshot()
+        assert json.loads(child_row["after"])["parent"] == item.name
 
     async def test_get_returns_what_was_created(self, scene: Scene) -> None:
         project = await scene.create_project()

@@ -193,6 +193,8 @@ async def test_repositories_under_a_foreign_tenant_read_nothing_and_write_nothin
             actor="users/x",
             request_id=None,
             request_fingerprint=None,
+            snapshot={"title": "t"},
+            log_request_id="",
         ),
         lambda uow: MemberRepository(uow).record(
             workspace_id=b.id, user_id=uuid7(), role="owner", change_time=datetime.now(UTC)
