@@ -33,7 +33,9 @@ from gateway.transcode import TranscodeError, build_request, render_response
 logger = structlog.get_logger("gateway")
 
 FORWARDED_HEADERS = ("x-request-id", "traceparent", "tracestate")
-RESPONSE_METADATA = ("x-request-id",)
+RESPONSE_METADATA = ("x-request-id",)  # forwarded under their own names; other response metadata is prefixed
+METADATA_HEADER_PREFIX = "grpc-metadata-"
+_TRANSPORT_METADATA = frozenset({"content-type", "user-agent", "te", "date", "server", "content-length"})
 IDEMPOTENCY_HEADER = "idempotency-key"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _GRPC_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
@@ -310,10 +312,16 @@ def _serialize(message: Message) -> bytes:
 
 
 def _response_headers(metadata: Iterable[tuple[str, str | bytes]], request_id: str) -> dict[str, str]:
+    """HTTP headers from a call's response metadata, as grpc-gateway maps them by default.
+
+    `x-request-id` keeps its name; other metadata, initial and trailing alike (browsers cannot read HTTP
+    trailers), becomes `grpc-metadata-<key>`. Binary (`-bin`) values and gRPC's own keys are not forwarded.
+    """
     headers = {"x-request-id": request_id}
     for key, value in metadata:
-        if key in RESPONSE_METADATA and isinstance(value, str):
-            headers[key] = value
+        if not isinstance(value, str) or key.startswith("grpc-") or key in _TRANSPORT_METADATA:
+            continue
+        headers[key if key in RESPONSE_METADATA else f"{METADATA_HEADER_PREFIX}{key}"] = value
     return headers
 
 

@@ -592,8 +592,15 @@ class Feed:
         self.cancelled = asyncio.Event()
         self.metadata: dict[str, str] = {}
 
+    async def peek(self, request: ts.GetWorkspaceRequest, context: grpc.aio.ServicerContext) -> Any:
+        """A unary call with response metadata: initial, trailing, binary and a gRPC-reserved key."""
+        await context.send_initial_metadata((("x-feed-shard", "3"), ("x-feed-raw-bin", b"\x00\x01")))
+        context.set_trailing_metadata((("x-feed-cursor", "abc"), ("x-request-id", "from-the-service")))
+        return tenancy_pb2.Workspace(name=request.name, display_name="peeked")
+
     async def watch(self, request: ts.GetWorkspaceRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         self.metadata = {key: str(value) for key, value in context.invocation_metadata() or ()}
+        await context.send_initial_metadata((("x-feed-shard", "7"),))
         if request.name.endswith("/missing"):
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such workspace")
         try:
@@ -619,7 +626,12 @@ async def feed_gateway(gateway_settings: GatewaySettings) -> AsyncIterator[tuple
                 feed.watch,
                 request_deserializer=ts.GetWorkspaceRequest.FromString,
                 response_serializer=tenancy_pb2.Workspace.SerializeToString,
-            )
+            ),
+            "Peek": grpc.unary_unary_rpc_method_handler(
+                feed.peek,
+                request_deserializer=ts.GetWorkspaceRequest.FromString,
+                response_serializer=tenancy_pb2.Workspace.SerializeToString,
+            ),
         },
     )
     server = grpc.aio.server()
@@ -627,7 +639,11 @@ async def feed_gateway(gateway_settings: GatewaySettings) -> AsyncIterator[tuple
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     rpc = RpcMethod(FEED_SERVICE, "Watch", ts.GetWorkspaceRequest, tenancy_pb2.Workspace, server_streaming=True)
-    routes = routes_for_rule(http_pb2.HttpRule(get="/v1/{name=workspaces/*}:watch"), rpc)
+    peek = RpcMethod(FEED_SERVICE, "Peek", ts.GetWorkspaceRequest, tenancy_pb2.Workspace)
+    routes = [
+        *routes_for_rule(http_pb2.HttpRule(get="/v1/{name=workspaces/*}:watch"), rpc),
+        *routes_for_rule(http_pb2.HttpRule(get="/v1/{name=workspaces/*}:peek"), peek),
+    ]
     settings = gateway_settings.model_copy(
         update={"addresses": {**gateway_settings.addresses, "gatewaytest": f"127.0.0.1:{port}"}}
     )
@@ -651,6 +667,21 @@ async def test_server_streaming_as_sse(feed_gateway: tuple[str, Feed]) -> None:
     assert [event["displayName"] for event in events] == ["tick 0", "tick 1", "tick 2"]
     assert events[0]["name"] == "workspaces/short"
     assert feed.metadata["x-request-id"] == "stream-1"
+
+
+@pytest.mark.gate("S01")
+async def test_response_metadata_comes_back_as_headers(feed_gateway: tuple[str, Feed]) -> None:
+    url, _ = feed_gateway
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        unary = await http.get("/v1/workspaces/w1:peek", headers={"x-request-id": "peek-1"})
+        stream = await http.get("/v1/workspaces/short:watch")
+
+    assert expect(unary, 200)["displayName"] == "peeked"
+    assert unary.headers["grpc-metadata-x-feed-shard"] == "3"  # initial metadata
+    assert unary.headers["grpc-metadata-x-feed-cursor"] == "abc"  # trailing metadata
+    assert unary.headers["x-request-id"] == "from-the-service"  # allow-listed: under its own name
+    assert not [name for name in unary.headers if name.endswith("-bin") or name.startswith("grpc-metadata-grpc")]
+    assert stream.headers["grpc-metadata-x-feed-shard"] == "7"
 
 
 @pytest.mark.gate("S01")
