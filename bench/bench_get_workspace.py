@@ -88,7 +88,9 @@ def py_spy(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes]:
         raise SystemExit("py-spy not found: .venv/bin/pip install py-spy")
     output.parent.mkdir(parents=True, exist_ok=True)
     command = [str(executable), "record", "--pid", str(pid), "--duration", str(round(seconds)), "--rate", "250"]
-    command += ["--nonblocking", "--format", "raw", "--output", str(output)]
+    command += ["--format", "raw", "--output", str(output)]
+    # C frames too (grpc, asyncpg, protobuf): py-spy then pauses the process for each sample.
+    command.append("--native" if os.environ.get("BENCH_PY_SPY_NATIVE") else "--nonblocking")
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
