@@ -185,7 +185,7 @@ class Gateway:
         metadata = await self._metadata_or_error(request, request_id, match)
         if isinstance(metadata, Response):
             return metadata
-        timeout = self._timeout(request, streaming=route.rpc.server_streaming)
+        timeout = self._timeout(request, route)
         if route.rpc.server_streaming:
             return await self._stream(request, route, message, metadata, timeout, request_id)
         response = await self._unary(route, message, metadata, timeout, request_id)
@@ -232,12 +232,20 @@ class Gateway:
             metadata.append(("authorization", request.headers["authorization"]))
         return metadata
 
-    def _timeout(self, request: Request, *, streaming: bool) -> float | None:
+    def _timeout(self, request: Request, route: RpcRoute) -> float | None:
+        """The client's `Grpc-Timeout` (at most the maximum), else the route's default deadline, else the
+        gateway's (none for streams)."""
         header = request.headers.get("grpc-timeout")
         requested = parse_grpc_timeout(header) if header else None
         if requested is not None:
             return min(requested, self.settings.max_deadline_seconds)
-        return None if streaming else self.settings.default_deadline_seconds
+        rpc = route.rpc
+        configured = self.settings.route_deadlines
+        if configured:
+            found = configured.get(f"{rpc.service}/{rpc.name}", configured.get(rpc.service))
+            if found is not None:
+                return found
+        return None if rpc.server_streaming else self.settings.default_deadline_seconds
 
     async def _unary(
         self, route: RpcRoute, message: Message, metadata: list[tuple[str, str]], timeout: float | None, request_id: str

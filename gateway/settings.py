@@ -6,11 +6,11 @@ import ipaddress
 import os
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gateway.browser import BrowserSettings
-from gateway.descriptors import domains
+from gateway.descriptors import domains, service_descriptors
 from gateway.ratelimit import RateLimitSettings
 
 ENV_PREFIX = "TESSERA_GATEWAY_"
@@ -37,6 +37,11 @@ class GatewaySettings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     default_deadline_seconds: float = Field(default=30.0, gt=0)
     max_deadline_seconds: float = Field(default=300.0, gt=0)
+    route_deadlines: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict,
+        description="default deadlines per RPC, overriding default_deadline_seconds (and giving streams one): "
+        "comma-separated `package.Service/Method=seconds` or `package.Service=seconds` (a method's entry wins)",
+    )
     log_level: str = "INFO"
     access_log: bool = Field(default=False, description="uvicorn's access log line per request (costs CPU per request)")
     forwarded_allow_ips: Annotated[tuple[str, ...], NoDecode] = Field(
@@ -54,6 +59,38 @@ class GatewaySettings(BaseSettings):
     def _split_origins(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("route_deadlines", mode="before")
+    @classmethod
+    def _parse_route_deadlines(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        parsed: dict[str, str] = {}
+        for entry in (part.strip() for part in value.split(",")):
+            if not entry:
+                continue
+            key, separator, seconds = entry.partition("=")
+            if not separator:
+                raise ValueError(f"{entry!r} is not `package.Service/Method=seconds`")
+            parsed[key.strip()] = seconds.strip()
+        return parsed
+
+    @field_validator("route_deadlines")
+    @classmethod
+    def _route_deadlines_name_rpcs(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        maximum = info.data.get("max_deadline_seconds")
+        known = set()
+        for service in service_descriptors():
+            known.add(service.full_name)
+            known.update(f"{service.full_name}/{method.name}" for method in service.methods)
+        for key, seconds in value.items():
+            if key not in known:
+                raise ValueError(f"{key!r} names no service or method of the contracts")
+            if seconds <= 0:
+                raise ValueError(f"{key}: the deadline must be more than 0 seconds")
+            if maximum is not None and seconds > maximum:
+                raise ValueError(f"{key}: {seconds}s is over TESSERA_GATEWAY_MAX_DEADLINE_SECONDS ({maximum}s)")
         return value
 
     @field_validator("forwarded_allow_ips", mode="before")

@@ -27,7 +27,7 @@ from google.protobuf import (
 
 from gateway.app import NDJSON, SSE, create_app, parse_grpc_timeout
 from gateway.routes import RouteTable, RpcMethod, routes_for_rule
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, GatewaySettingsError
 from gateway.transcode import TranscodeError, build_request, message_to_json, render_response
 from tessera.tenancy.v1 import tenancy_pb2
 from tessera.tenancy.v1 import tenancy_service_pb2 as ts
@@ -523,6 +523,34 @@ async def test_grpc_timeout_header_sets_the_deadline(client: httpx.AsyncClient, 
     response = await client.get("/v1/workspaces", headers={**world.owner.bearer(), "grpc-timeout": "1n"})
 
     assert expect(response, 504)["code"] == 4
+
+
+@pytest.mark.gate("S01")
+async def test_a_route_default_deadline_applies_unless_the_client_sets_one(gateway_mesh: Mesh, world: World) -> None:
+    """TESSERA_GATEWAY_ROUTE_DEADLINES: a method's entry wins over its service's, which wins over the default."""
+    settings = settings_for(
+        gateway_mesh,
+        route_deadlines=(
+            "tessera.tenancy.v1.TenancyService/ListWorkspaces=0.000001, tessera.tenancy.v1.TenancyService=30"
+        ),
+    )
+    async with serve(create_app(settings)) as url, httpx.AsyncClient(base_url=url) as http:
+        listed = await http.get("/v1/workspaces", headers=world.owner.bearer())
+        # The client's own deadline replaces the route's (within the gateway's maximum).
+        given = await http.get("/v1/workspaces", headers={**world.owner.bearer(), "grpc-timeout": "10S"})
+        other = await http.get(f"/v1/workspaces/{world.workspace_id}", headers=world.owner.bearer(world.workspace_id))
+
+    assert expect(listed, 504)["code"] == 4  # the method's microsecond
+    assert expect(given, 200)["workspaces"]
+    assert expect(other, 200)["workspace"]["name"] == world.workspace["name"]  # the service's 30 s
+
+
+@pytest.mark.gate("S01")
+async def test_route_deadlines_naming_no_rpc_are_refused_at_start(gateway_mesh: Mesh) -> None:
+    with pytest.raises(GatewaySettingsError, match=r"TESSERA_GATEWAY_ROUTE_DEADLINES.*'tessera\.nope\.v1\.X/Y'"):
+        settings_for(gateway_mesh, route_deadlines="tessera.nope.v1.X/Y=5")
+    with pytest.raises(GatewaySettingsError, match="over TESSERA_GATEWAY_MAX_DEADLINE_SECONDS"):
+        settings_for(gateway_mesh, route_deadlines="tessera.tenancy.v1.TenancyService=301")
 
 
 @pytest.mark.gate("S01")
