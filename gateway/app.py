@@ -411,7 +411,7 @@ def create_app(
         """CORS, then rate limiting, then contract requests straight to the gateway; the rest to `stack`.
 
         Contract requests skip Starlette's error middleware, router and exception middleware: Gateway.handle
-        answers every failure itself (and ContractDispatch backs it up). Local routes keep them all.
+        answers every failure itself. Local routes keep them all.
         """
         app: ASGIApp = ContractDispatch(stack, gateway=gateway, local_routes=local_routes, methods=methods)
         if limiter is not None:  # disabled, the limiter is left out rather than asked on every request

@@ -762,9 +762,10 @@ _RECORD_MEMBERSHIP = Query(
 # 3. otherwise every shard with room is held by a transaction in flight: it waits for one of them,
 #    picked at random, and counts there if it still has room once the holder commits (the UPDATE
 #    re-checks its condition on the row it waited for).
-# No step waits for a second shard while holding one, so creates never deadlock on the counter: step
-# 3 runs in a savepoint whose rollback releases the row it found full. (Step 1 may keep a lock on a row
-# it found full on re-checking, but step 3 never waits for a full row.) An earlier version locked every
+# The waits cannot form a cycle: a transaction that counted never waits for a shard again; step 3 waits
+# only for a shard with room, in a savepoint whose rollback releases it if it is full by then; and the
+# lock that step 1 may keep on a row it skipped as full on re-checking (READ COMMITTED keeps it) is on a
+# full row, which step 3 never waits for. An earlier version locked every
 # shard in order after step 1: with 32 creates in flight and 16 shards each of those waited for most of
 # the others to commit (p99 400 ms in bench_workflow.py), and could deadlock with such a kept lock.
 # `uncount_item` works the same way with "a shard above zero" for "a shard with room".
