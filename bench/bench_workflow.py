@@ -449,7 +449,7 @@ def wait_for_listen(process: psutil.Popen, port: int, seconds: float) -> bool:
     while time.monotonic() < deadline and process.poll() is None:
         if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in process.net_connections("tcp")):
             return True
-        time.sleep(0.1)
+        time.sleep(0.1)  # polling another process's sockets from a script (no event to wait on)
     return False
 
 

@@ -108,6 +108,7 @@ class CoalescingTransport(asyncio.Transport):
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol writing through a `CoalescingTransport`."""
 
+    # The ignore: asyncio.Protocol takes any BaseTransport; uvicorn (and this override) a stream Transport.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Wrap the connection's transport, then set up as uvicorn does."""
         super().connection_made(CoalescingTransport(transport, self.loop))

@@ -40,8 +40,8 @@ ITEM_NAME = f"workspaces/{TENANT}/projects/{PROJECT}/items/{ITEM}"
 QUERY = ItemQuery(TENANT, PROJECT)
 CUSTOM_FIELDS = {"estimate": "NUMBER", "team": "STRING", "size": "ENUM", "billable": "BOOLEAN", "start": "TIMESTAMP"}
 
-PG = postgresql.dialect()  # type: ignore[no-untyped-call]
-ASYNCPG = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
+PG = postgresql.dialect()  # type: ignore[no-untyped-call]  # SQLAlchemy's dialect constructors are untyped
+ASYNCPG = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]  # (same)
 
 
 def sql(clause: sa.ClauseElement, dialect: Any = PG) -> tuple[str, dict[str, Any]]:

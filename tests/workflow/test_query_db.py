@@ -87,7 +87,7 @@ async def insert_item(admin: asyncpg.Connection, tenant: uuid.UUID, project: uui
     names = list(row)
     placeholders = ", ".join(f"${n}" for n in range(1, len(names) + 1))
     await admin.execute(f"INSERT INTO workflow.items ({', '.join(names)}) VALUES ({placeholders})", *row.values())
-    return row["id"]  # type: ignore[no-any-return]
+    return row["id"]  # type: ignore[no-any-return]  # asyncpg records are untyped
 
 
 async def fetch(db: Database, tenant: uuid.UUID, statement: sa.Select[Any]) -> list[asyncpg.Record]:

@@ -133,7 +133,7 @@ class TestWorkflowValidation:
 
     def test_unknown_enum_numbers_from_the_wire_are_refused(self) -> None:
         message = workflow_pb2.Workflow(
-            states=[workflow_pb2.WorkflowState(id="a", display_name="A", category=99)],  # type: ignore[arg-type]
+            states=[workflow_pb2.WorkflowState(id="a", display_name="A", category=99)],  # type: ignore[arg-type]  # an undefined enum number, on purpose
             transitions=[],
             initial_state="a",
         )
