@@ -11,7 +11,7 @@ from services.kit.revocation import RevocationList
 from services.kit.server import ServiceRuntime, run_service
 from services.kit.tokens import TokenVerifier
 from services.workflow.consumers import members_consumer
-from services.workflow.models import SCHEMA, SERVICE
+from services.workflow.models import SCHEMA, SERVICE, RenderedItems
 from services.workflow.service import WorkflowService
 from services.workflow.servicer import WorkflowServicer, binding
 from services.workflow.settings import WorkflowSettings
@@ -53,7 +53,13 @@ async def build(settings: WorkflowSettings, *, verifier: TokenVerifier | None = 
         return ServiceRuntime(
             name=SERVICE,
             settings=settings,
-            bindings=[binding(WorkflowServicer(database, service))],
+            bindings=[
+                binding(
+                    WorkflowServicer(
+                        database, service, rendered_items=RenderedItems(settings.rendered_items_cache_size)
+                    )
+                )
+            ],
             database=database,
             background=[
                 broker,  # first: it closes after the relay has flushed and the consumer drained

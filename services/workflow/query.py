@@ -44,7 +44,7 @@ from sqlalchemy.dialects import postgresql
 
 from services.kit.errors import FieldViolation, InvalidArgument
 from services.kit.paging import INVALID_PAGE_TOKEN
-from services.workflow.models import SEARCH_CONFIG, items
+from services.workflow.models import ITEM_COLUMNS, SEARCH_CONFIG, items
 
 INVALID_FILTER = "INVALID_FILTER"
 MAX_FILTER_LENGTH = 4096
@@ -832,9 +832,6 @@ def _render_order_by(keys: Sequence[_SortKey]) -> str:
 
 
 # --- the query ----------------------------------------------------------------------------------------------
-
-# Every column but the tsvector, which only the search predicate reads.
-ITEM_COLUMNS: tuple[sa.Column[Any], ...] = tuple(column for column in items.c if column.name != "search")
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from services.kit.errors import Aborted
 from services.kit.ids import uuid7
 from services.kit.sql import Query
 from services.workflow.models import (
+    ITEM_COLUMNS,
     Activity,
     ActivityKind,
     Item,
@@ -312,29 +313,6 @@ class ProjectRepository:
 
 
 # --- items -------------------------------------------------------------------------------------------------
-
-ITEM_COLUMNS = (
-    items.c.tenant_id,
-    items.c.id,
-    items.c.project_id,
-    items.c.title,
-    items.c.description,
-    items.c.status,
-    items.c.status_category,
-    items.c.priority,
-    items.c.assignee,
-    items.c.labels,
-    items.c.due_time,
-    items.c.custom_fields,
-    items.c.parent_id,
-    items.c.creator,
-    items.c.updater,
-    items.c.create_time,
-    items.c.update_time,
-    items.c.archive_time,
-    items.c.delete_time,
-    items.c.version,
-)
 
 
 @dataclass(frozen=True, slots=True)

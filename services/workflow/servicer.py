@@ -20,14 +20,15 @@ from services.workflow.errors import invalid_field
 from services.workflow.models import (
     ItemFields,
     ItemUpdate,
+    RenderedItems,
     activity_message,
-    add_item_messages,
     from_json_value,
     item_message,
     parse_name,
     project_message,
 )
 from services.workflow.service import WorkflowService
+from services.workflow.settings import DEFAULT_RENDERED_ITEMS
 from services.workflow.workflow import custom_field_from_message, workflow_from_message
 from tessera.workflow.v1 import workflow_pb2, workflow_service_pb2_grpc
 from tessera.workflow.v1 import workflow_service_pb2 as pb
@@ -101,9 +102,12 @@ def _item_update(request: pb.UpdateItemRequest, *, field: str) -> ItemUpdate:
 class WorkflowServicer:
     """Implements tessera.workflow.v1.WorkflowService on top of WorkflowService."""
 
-    def __init__(self, database: Database, service: WorkflowService) -> None:
+    def __init__(
+        self, database: Database, service: WorkflowService, *, rendered_items: RenderedItems | None = None
+    ) -> None:
         self.database = database
         self.service = service
+        self.rendered_items = RenderedItems(DEFAULT_RENDERED_ITEMS) if rendered_items is None else rendered_items
 
     # --- projects ---------------------------------------------------------------------------------------
 
@@ -285,7 +289,7 @@ class WorkflowServicer:
                 page_token=request.page_token,
             )
         response = pb.ListItemsResponse(next_page_token=page.next_page_token)
-        add_item_messages(response.items, page.rows)
+        self.rendered_items.add_to(response, page.rows)
         return response
 
     async def CountItems(self, request: pb.CountItemsRequest, context: Any) -> pb.CountItemsResponse:

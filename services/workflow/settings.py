@@ -12,6 +12,7 @@ from services.kit.settings import KitSettings
 DEVELOPMENT_PAGE_TOKEN_SECRET = "tessera-development-workflow-page-token-secret-do-not-use"  # noqa: S105  # development default; production settings refuse it
 MIN_PRODUCTION_SECRET_BYTES = 32
 DEFAULT_MAX_ITEMS_PER_WORKSPACE = 1_000_000
+DEFAULT_RENDERED_ITEMS = 20_000  # about 500 bytes each with its key: ~10 MB
 
 
 class WorkflowSettings(KitSettings):
@@ -26,6 +27,12 @@ class WorkflowSettings(KitSettings):
         default=DEFAULT_MAX_ITEMS_PER_WORKSPACE,
         gt=0,
         description="live (not deleted) items a workspace may hold; creation beyond it is RESOURCE_EXHAUSTED",
+    )
+
+    rendered_items_cache_size: int = Field(
+        default=DEFAULT_RENDERED_ITEMS,
+        ge=0,
+        description="serialized items ListItems keeps by (item, version) to build pages from bytes; 0 turns it off",
     )
 
     @model_validator(mode="after")

@@ -17,6 +17,7 @@ from services.workflow.models import (
     ItemPage,
     Priority,
     Project,
+    RenderedItems,
     add_item_messages,
     item_message,
 )
@@ -199,3 +200,47 @@ async def test_list_pages_render_the_same_messages_as_single_items(
     assert any(message.assignee for message in rendered)
     assert any(message.custom_fields for message in rendered)
     assert any(message.labels for message in rendered)
+
+
+def rendered(cache: RenderedItems, page: ItemPage) -> list[Any]:
+    response = pb.ListItemsResponse(next_page_token=page.next_page_token)
+    cache.add_to(response, page.rows)
+    assert response.next_page_token == page.next_page_token
+    return list(response.items)
+
+
+async def test_pages_joined_from_rendered_items_equal_pages_built_field_by_field(
+    scene: Scene, board: tuple[Project, list[Item]]
+) -> None:
+    """ListItems' cache of serialized items: the same messages, in order, from cold and warm, at any capacity."""
+    project, items = board
+    options: dict[str, Any] = {"show_deleted": True, "show_archived": True, "order_by": "title"}
+    page = await list_page(scene, project, **options)
+    built = pb.ListItemsResponse()
+    add_item_messages(built.items, page.rows)
+    expected = list(built.items)
+    assert len(expected) == len(items)
+    cache = RenderedItems(100)
+    assert rendered(cache, page) == expected  # every item a miss
+    assert len(cache) == len(items)
+    assert rendered(cache, page) == expected  # every item a hit
+    # A change moves the version on: the page shows the new form, never the cached old one.
+    renamed = await scene.update_item(items[1], mask=("title",), title="bravo renamed", priority=Priority.LOW)
+    moved = await scene.transition(items[2], "todo")
+    page = await list_page(scene, project, **options)
+    fresh = {message.name: message for message in rendered(cache, page)}
+    assert fresh[renamed.name].title == "bravo renamed"
+    assert fresh[moved.name].status == "todo"
+    for item in (renamed, moved):
+        assert fresh[item.name] == item_message(await scene.get_item(item))
+    assert len(cache) == len(items) + 2  # the old forms stay until evicted; nothing reads them
+    # Bounded: the oldest entries go; pages stay right. Capacity 0 builds every page field by field.
+    small = RenderedItems(3)
+    built = pb.ListItemsResponse()
+    add_item_messages(built.items, page.rows)
+    assert rendered(small, page) == list(built.items)
+    assert len(small) == 3
+    assert rendered(small, page) == list(built.items)
+    off = RenderedItems(0)
+    assert rendered(off, page) == list(built.items)
+    assert len(off) == 0
