@@ -47,7 +47,12 @@ from services.workflow.models import (
     projects,
     usage,
 )
-from services.workflow.workflow import CustomFieldDefinition, Workflow, custom_fields_from_json
+from services.workflow.workflow import (
+    CustomFieldDefinition,
+    Workflow,
+    custom_field_types,
+    custom_fields_from_json,
+)
 
 Cursor = tuple[datetime, uuid.UUID]
 
@@ -102,6 +107,32 @@ def _project(row: Mapping[str, Any]) -> Project:
         update_time=row["update_time"],
         version=row["version"],
     )
+
+
+# The column `with_project_custom_fields` adds to a list statement.
+LISTED_PROJECT_FIELDS = "listed_project_custom_fields"
+
+
+def with_project_custom_fields(
+    statement: sa.Select[Any], *, workspace_id: uuid.UUID, project_id: uuid.UUID
+) -> sa.Select[Any]:
+    """`statement` plus the column LISTED_PROJECT_FIELDS: the project's custom field definitions as JSON text
+    (NULL if the project is not there), read in the same snapshot as the rows."""
+    definitions = (
+        sa.select(sa.cast(projects.c.custom_fields, sa.Text))
+        .where(
+            projects.c.tenant_id == sa.bindparam("listed_project_tenant", workspace_id, type_=sa.Uuid),
+            projects.c.id == sa.bindparam("listed_project_id", project_id, type_=sa.Uuid),
+        )
+        .scalar_subquery()
+    )
+    return statement.add_columns(definitions.label(LISTED_PROJECT_FIELDS))
+
+
+@functools.lru_cache(maxsize=4096)
+def custom_field_types_of(text: str) -> tuple[tuple[str, str], ...]:
+    """`(key, type name)` pairs, sorted, of stored custom field definitions (JSON text)."""
+    return tuple(sorted(custom_field_types(_parsed_custom_fields(text)).items()))
 
 
 @dataclass(frozen=True, slots=True)

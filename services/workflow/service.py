@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy as sa
 import structlog
 
 from services.kit.authz import WORKSPACE, auth_rule_for
@@ -68,12 +69,15 @@ from services.workflow.models import (
 )
 from services.workflow.query import CompiledList, ItemQuery, compile_count, compile_list
 from services.workflow.repository import (
+    LISTED_PROJECT_FIELDS,
     ActivityRepository,
     ItemRepository,
     MemberRepository,
     NewActivity,
     ProjectRepository,
     UsageRepository,
+    custom_field_types_of,
+    with_project_custom_fields,
 )
 from services.workflow.settings import DEFAULT_MAX_ITEMS_PER_WORKSPACE
 from services.workflow.workflow import (
@@ -198,7 +202,15 @@ def _first_page_query(
     exactly the statement a miss would compile. Errors are raised, never cached.
     """
     compiled = compile_list(query, dict(field_types))
-    return compiled, Query(compiled.statement(None, limit))
+    return compiled, Query(_listed(compiled.statement(None, limit), query))
+
+
+def _listed(statement: sa.Select[Any], query: ItemQuery) -> sa.Select[Any]:
+    return with_project_custom_fields(statement, workspace_id=query.tenant_id, project_id=query.project_id)
+
+
+# Projects whose custom field types ListItems compiled with last, at most this many remembered.
+_LISTED_PROJECTS = 10_000
 
 
 class WorkflowService:
@@ -213,6 +225,7 @@ class WorkflowService:
             raise ValueError("max_items_per_workspace must be positive")
         self.page_tokens = page_tokens
         self.max_items_per_workspace = max_items_per_workspace
+        self._listed_field_types: dict[tuple[uuid.UUID, uuid.UUID], tuple[tuple[str, str], ...]] = {}
 
     # --- projects ---------------------------------------------------------------------------------------
 
@@ -862,10 +875,17 @@ class WorkflowService:
         requested_page_size: int = 0,
         page_token: str = "",
     ) -> ItemPage:
-        """A project's items matching filter and search, in order_by order, one keyset page at a time."""
+        """A project's items matching filter and search, in order_by order, one keyset page at a time.
+
+        The filter compiles against the project's custom field types. Once a project has been listed, the
+        types it had are remembered, and the page is read with the project's definitions beside it, in
+        one statement (one round trip fewer): if they still give those types, the page stands. A page
+        that cannot say (no rows, or the project gone), stale types or a request the remembered types
+        refuse is answered as on a project's first listing: read the project (NOT_FOUND first), then
+        compile with its types.
+        """
         parent = project_name(workspace_id, project_id)
         self._authorize(principal, workspace_id, "ListItems", resource=parent)
-        project = await self._project(uow, workspace_id, project_id, missing=parent)
         size = page_size(requested_page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         query = ItemQuery(
             tenant_id=workspace_id,
@@ -876,15 +896,48 @@ class WorkflowService:
             show_deleted=show_deleted,
             show_archived=show_archived,
         )
+        issued_to = _issued_to(principal, workspace_id)
+        remembered = self._listed_field_types.get((workspace_id, project_id))
+        if remembered is not None:
+            try:
+                page = await self._item_page(uow, query, remembered, size, page_token, issued_to, checked=False)
+            except InvalidArgument:
+                page = None  # perhaps only under stale types; and a missing project's NOT_FOUND comes first
+            if page is not None:
+                return page
+        project = await self._project(uow, workspace_id, project_id, missing=parent)
         field_types = tuple(sorted(custom_field_types(project.custom_fields).items()))
+        if len(self._listed_field_types) >= _LISTED_PROJECTS:
+            self._listed_field_types.clear()
+        self._listed_field_types[workspace_id, project_id] = field_types
+        page = await self._item_page(uow, query, field_types, size, page_token, issued_to, checked=True)
+        assert page is not None
+        return page
+
+    async def _item_page(
+        self,
+        uow: UnitOfWork,
+        query: ItemQuery,
+        field_types: tuple[tuple[str, str], ...],
+        size: int,
+        page_token: str,
+        issued_to: str,
+        *,
+        checked: bool,
+    ) -> ItemPage | None:
+        """One page compiled with `field_types`; unless `checked` (the caller read the project), None when
+        the rows do not show that the project still has those types."""
         compiled, first_page = _first_page_query(query, field_types, size + 1)
         key = _query_key("ListItems", *compiled.key_parts)
-        issued_to = _issued_to(principal, workspace_id)
         if page_token:
             after = self.page_tokens.decode(page_token, query_key=key, issued_to=issued_to)
-            rows = await uow.fetch(compiled.statement(after, size + 1))
+            rows = await uow.fetch(_listed(compiled.statement(after, size + 1), query))
         else:
             rows = await uow.fetch(first_page)
+        if not checked:
+            definitions = rows[0][LISTED_PROJECT_FIELDS] if rows else None
+            if definitions is None or custom_field_types_of(definitions) != field_types:
+                return None
         token = ""
         if len(rows) > size:
             token = self.page_tokens.encode(compiled.cursor(rows[size - 1]), query_key=key, issued_to=issued_to)
