@@ -6,7 +6,7 @@ and outgoing events can be correlated without threading ids through every call.
 
 from __future__ import annotations
 
-import uuid
+import os
 from contextvars import ContextVar
 
 request_id_var: ContextVar[str | None] = ContextVar("tessera_request_id", default=None)
@@ -19,4 +19,5 @@ def current_request_id() -> str | None:
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """A fresh request id: 32 random hex digits (uuid4's shape, without building a UUID on every RPC)."""
+    return os.urandom(16).hex()
