@@ -8,10 +8,14 @@ What is measured, in one run (issue 5)
 - gRPC ListItems: `tessera.workflow.v1.WorkflowService/ListItems` on the real workflow process (auth
   enforced with a real workspace token) with a filter, an order_by and page_size 50.
 - gRPC CreateItem: the real RPC (quota check, project lookup, insert, activity row, outbox event).
+- Floor: bench/floor_list_server.py, a bare grpc.aio server whose ListItems only runs the same
+  transaction on an asyncpg pool and answers with a response serialized once: what a Python gRPC
+  service running this SQL cannot beat here.
 - Raw: asyncpg in its own process, as the workflow login role under RLS: for the list, BEGIN,
-  set_config, the very SQL the service compiles for that request (from services.workflow.query),
-  COMMIT; for the create, BEGIN, set_config, INSERT item + INSERT activity + INSERT outbox row (an
-  envelope of the size the service writes), COMMIT.
+  set_config, the very SQL the service runs for that request once it knows the project (compiled by
+  services.workflow.query, with the project's custom field definitions beside the rows), COMMIT; for
+  the create, BEGIN, set_config, INSERT item + INSERT activity + INSERT outbox row (an envelope of the
+  size the service writes), COMMIT.
 Load generator: h2load (C) with a pre-encoded gRPC frame, one connection per concurrent stream; its
 CPU use is printed. Targets (2 cores): ListItems p99 < 25 ms on the 100,000-item workspace at
 concurrency 32; CreateItem >= 40% of the raw transaction's throughput at concurrency 32.
@@ -37,6 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,6 +65,7 @@ from migrations import runner
 from services.kit.ids import uuid7
 from services.kit.sql import Query
 from services.workflow.query import ItemQuery, compile_list
+from services.workflow.repository import with_project_custom_fields
 from tessera.workflow.v1 import workflow_pb2, workflow_service_pb2, workflow_service_pb2_grpc
 from tessera_cli.embedded import free_port, wait_for_port
 
@@ -110,6 +116,7 @@ LIST_FILTER_TEMPLATE = 'status = "{status}" AND priority >= PRIORITY_HIGH'
 LIST_ORDER = "priority desc, create_time desc"
 
 LIST = "gRPC ListItems (filter, order, 50)"
+FLOOR = "floor: bare grpc.aio + asyncpg, same SQL"
 RAW_LIST = "raw asyncpg: same list SQL"
 CREATE = "gRPC CreateItem"
 RAW_CREATE = "raw asyncpg: insert item + activity + outbox"
@@ -221,12 +228,15 @@ def raw_run(job: dict[str, Any], concurrency: int, seconds: float, tmp: Path) ->
     """Run bench/raw_workflow.py in its own process on a pickled job."""
     path = tmp / f"raw-{uuid.uuid4().hex[:8]}.pickle"
     path.write_bytes(pickle.dumps({**job, "concurrency": concurrency, "seconds": seconds}))
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("raw_workflow.py")), str(path)],
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"the raw baseline failed:\n{done.stderr}")
+    out = done.stdout
     data = json.loads(out.strip().splitlines()[-1])
     return Result(
         job["label"], concurrency, data["n"], data["seconds"], data["p50"], data["p99"], data["mean"], data["cpu"]
@@ -245,8 +255,9 @@ async def create_project(port: int, token: str, workspace: str) -> workflow_pb2.
         return created.project
 
 
-async def check_rpcs(port: int, token: str, requests: dict[str, Any]) -> dict[str, int]:
-    """Call each benchmarked RPC once (it must succeed); returns the size of each response."""
+async def check_rpcs(port: int, token: str, requests: dict[str, Any], list_responses: list[bytes]) -> dict[str, int]:
+    """Call each benchmarked RPC once (it must succeed); returns the size of each response, and appends
+    the serialized ListItems response to `list_responses`."""
     sizes = {}
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = workflow_service_pb2_grpc.WorkflowServiceStub(channel)
@@ -254,6 +265,7 @@ async def check_rpcs(port: int, token: str, requests: dict[str, Any]) -> dict[st
         listed = await stub.ListItems(requests["list"], metadata=metadata)
         assert len(listed.items) == 50, f"the benchmark list returned {len(listed.items)} items, not a full page"
         sizes["list"] = listed.ByteSize()
+        list_responses.append(listed.SerializeToString())
         created = await stub.CreateItem(requests["create"], metadata=metadata)
         sizes["create"] = created.ByteSize()
     return sizes
@@ -366,7 +378,8 @@ def main() -> None:
                 ),
             ),
         }
-        sizes = asyncio.run(check_rpcs(ports["workflow"], caller.token, requests))
+        list_responses: list[bytes] = []
+        sizes = asyncio.run(check_rpcs(ports["workflow"], caller.token, requests, list_responses))
         print(f"filter: {list_filter!r}; order_by: {LIST_ORDER!r}; response bytes: {sizes}", flush=True)
         bodies = {}
         for key, request in (("ListItems", requests["list"]), ("CreateItem", requests["create"])):
@@ -375,9 +388,13 @@ def main() -> None:
 
         # The service's own statement, compiled for asyncpg as its unit of work compiles it (kit.sql.Query).
         list_query = Query(
-            compile_list(
-                ItemQuery(tenant_id=tenant, project_id=project_id, filter=list_filter, order_by=LIST_ORDER), {}
-            ).statement(None, 51)
+            with_project_custom_fields(
+                compile_list(
+                    ItemQuery(tenant_id=tenant, project_id=project_id, filter=list_filter, order_by=LIST_ORDER), {}
+                ).statement(None, 51),
+                workspace_id=tenant,
+                project_id=project_id,
+            )
         )
         raw_list = {
             "label": RAW_LIST,
@@ -394,6 +411,14 @@ def main() -> None:
             "tenant": str(tenant),
             "project": project_id,
             "envelope": asyncio.run(outbox_envelope(admin)),
+        }
+        floor_job = {
+            "url": workflow_url,
+            "tenant": str(tenant),
+            "sql": list_query.sql,
+            "params": list_query.arguments({}),
+            "response": list_responses[0],
+            "pool_size": max(args.concurrency),
         }
         results: list[Result] = []
         for c in args.concurrency:
@@ -417,6 +442,21 @@ def main() -> None:
                         )
                     )
                     results.append(raw_run(raw, c, args.seconds, tmp))
+                    if key == "ListItems":
+                        with floor_server(floor_job, tmp) as (floor_port, floor):
+                            results.append(
+                                run_h2load(
+                                    FLOOR,
+                                    floor_port,
+                                    [],
+                                    bodies[key],
+                                    c,
+                                    args.seconds,
+                                    tmp,
+                                    floor,
+                                    path=f"/tessera.workflow.v1.WorkflowService/{key}",
+                                )
+                            )
         report(results)
     finally:
         for process in processes.values():
@@ -429,6 +469,28 @@ def main() -> None:
             asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
         for s in servers:
             s.stop()
+
+
+@contextlib.contextmanager
+def floor_server(job: dict[str, Any], tmp: Path) -> Iterator[tuple[int, ProcessGroup]]:
+    """bench/floor_list_server.py on a free port for one segment (its pool holds connections only then)."""
+    port = free_port()
+    path = tmp / "floor.pickle"
+    path.write_bytes(pickle.dumps({**job, "port": port}))
+    log = tmp / "floor.log"
+    with log.open("wb") as out:
+        process = psutil.Popen(
+            [sys.executable, str(Path(__file__).with_name("floor_list_server.py")), str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        if not wait_for_port("127.0.0.1", port, 30):
+            raise SystemExit(log.read_text())
+        yield port, ProcessGroup([process])
+    finally:
+        process.terminate()
+        process.wait(20)
 
 
 class ProcessGroup:
@@ -479,7 +541,8 @@ def report(results: list[Result]) -> None:
     for c in sorted({r.concurrency for r in results}):
         listed, created, raw_created = medians[(LIST, c)], medians[(CREATE, c)], medians[(RAW_CREATE, c)]
         print(
-            f"\nconcurrency {c}: ListItems p99 {listed['p99']:.2f} ms (target < 25 ms); CreateItem "
+            f"\nconcurrency {c}: ListItems p99 {listed['p99']:.2f} ms (target < 25 ms; the floor's "
+            f"{medians[(FLOOR, c)]['p99']:.2f} ms); CreateItem "
             f"{created['rps'] / raw_created['rps']:.0%} of the raw transaction's throughput (target >= 40%)"
         )
 

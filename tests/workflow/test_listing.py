@@ -21,8 +21,9 @@ from services.workflow.models import (
     add_item_messages,
     item_message,
 )
+from services.workflow.workflow import CustomFieldDefinition, CustomFieldType
 from tessera.workflow.v1 import workflow_service_pb2 as pb
-from tests.workflow.conftest import Scene
+from tests.workflow.conftest import ESTIMATE, TEAM, Scene
 
 pytestmark = pytest.mark.gate("S04")
 
@@ -244,3 +245,37 @@ async def test_pages_joined_from_rendered_items_equal_pages_built_field_by_field
     off = RenderedItems(0)
     assert rendered(off, page) == list(built.items)
     assert len(off) == 0
+
+
+async def test_listing_after_the_custom_fields_change_uses_the_new_definitions(scene: Scene) -> None:
+    """After a project's first listing its filter compiles against the custom field types it had, checked
+    against the definitions the page statement reads beside the rows: never listed under stale types."""
+    project = await scene.create_project(custom_fields=(ESTIMATE,))
+    plain = await scene.create_item(project, title="plain")
+    assert [item.id for item in (await list_page(scene, project, filter="custom_fields.estimate > 1")).items] == []
+    assert [item.id for item in (await list_page(scene, project)).items] == [plain.id]
+    key = (project.workspace_id, project.id)
+    assert scene.service._listed_field_types[key] == (("estimate", "NUMBER"),)
+    # No item carries estimate: it may become a string, and team joins it.
+    retyped = (CustomFieldDefinition("estimate", "Estimate", CustomFieldType.STRING), TEAM)
+    async with scene.db.unit_of_work(scene.owner) as uow:
+        await scene.service.update_project(
+            uow,
+            scene.owner,
+            workspace_id=project.workspace_id,
+            project_id=project.id,
+            custom_fields=retyped,
+            update_mask=("custom_fields",),
+        )
+    # A page compiled under the remembered types shows, beside its rows, that they are stale: read again.
+    assert [item.id for item in (await list_page(scene, project)).items] == [plain.id]
+    assert scene.service._listed_field_types[key] == (("estimate", "STRING"), ("team", "STRING"))
+    tagged = await scene.create_item(project, title="tagged", custom_fields={"estimate": "large", "team": "core"})
+    for text in ('custom_fields.estimate = "large"', 'custom_fields.team = "core"', "custom_fields.team:*"):
+        assert [item.id for item in (await list_page(scene, project, filter=text)).items] == [tagged.id], text
+    # What the current definitions refuse is refused, naming the field, whatever was remembered.
+    with pytest.raises(InvalidArgument, match="estimate"):
+        await list_page(scene, project, filter="custom_fields.estimate > 1")
+    # An unknown project is NOT_FOUND, never an empty page.
+    with pytest.raises(NotFound):
+        await list_page(scene, dataclasses.replace(project, id=uuid7()))
