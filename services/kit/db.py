@@ -1,4 +1,4 @@
-"""Database access: the async engine and the unit of work that every RPC and consumer runs in.
+"""Database access: the connection pool and the unit of work that every RPC and consumer runs in.
 
 One unit of work is one transaction. It starts with `BEGIN` and, in the same round trip, sets
 `tessera.tenant_id` and `tessera.subject` transaction-locally (`set_config(..., true)`), so
@@ -6,29 +6,38 @@ row-level security sees the caller's tenant before any other statement runs and 
 when the pooled connection is handed to the next caller.
 Events emitted during the unit of work are written to the service's outbox in the same
 transaction; services and repositories never commit.
+
+Connections come from an asyncpg pool (ADR 0010): SQLAlchemy describes the schema and builds the
+statements (`services.kit.sql.Query`), asyncpg runs them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import sqlalchemy as sa
+import structlog
 from google.protobuf.message import Message
 from opentelemetry import propagate
 from prometheus_client import Histogram
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from services.kit.context import request_id_var
+from services.kit.errors import Unavailable
 from services.kit.events import build_envelope, subject_for
 from services.kit.principal import Principal
 from services.kit.sql import Query, as_query
 from tessera.common.v1.event_pb2 import EventEnvelope
+
+_log = structlog.get_logger(__name__)
 
 TENANT_SETTING = "tessera.tenant_id"
 SUBJECT_SETTING = "tessera.subject"
@@ -38,14 +47,6 @@ UOW_SECONDS = Histogram(
     "Duration of units of work (one transaction each)",
     ["service", "outcome"],
 )
-
-
-def asyncpg_url(url: str) -> str:
-    """Normalise a postgresql:// URL to the SQLAlchemy asyncpg dialect."""
-    scheme, rest = url.split("://", 1)
-    if scheme in ("postgresql", "postgres"):
-        return f"postgresql+asyncpg://{rest}"
-    return url
 
 
 def with_user(url: str, user: str, password: str | None = None) -> str:
@@ -85,8 +86,41 @@ def inbox_table(metadata: sa.MetaData, schema: str) -> sa.Table:
     )
 
 
+# How long a caller waits for a free connection of the pool before its request fails (UNAVAILABLE).
+ACQUIRE_TIMEOUT_SECONDS = 30.0
+DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+# How long dispose() lets checked-out connections finish before closing them.
+DISPOSE_TIMEOUT_SECONDS = 10.0
+
+
+def dsn(url: str) -> str:
+    """A postgresql:// URL for asyncpg (a SQLAlchemy `postgresql+asyncpg://` URL is accepted too)."""
+    scheme, rest = url.split("://", 1)
+    if scheme.startswith(("postgresql+", "postgres+")):
+        return f"postgresql://{rest}"
+    return url
+
+
+def _json_text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"a JSON parameter is passed as JSON text (json.dumps), not {type(value).__name__}")
+    return value
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    """JSON columns as statements use them: parameters are JSON text, results are parsed."""
+    for type_name in ("json", "jsonb"):
+        await conn.set_type_codec(type_name, schema="pg_catalog", encoder=_json_text, decoder=json.loads, format="text")
+
+
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Released connections are not reset: every unit of work ends its own transaction (COMMIT or
+    ROLLBACK), its settings are transaction-local, and a connection in an unknown state is terminated
+    before release, never handed out again."""
+
+
 class Database:
-    """The engine of one service, bound to that service's schema (outbox, inbox) and event source name."""
+    """The connection pool of one service, bound to that service's schema (outbox, inbox) and event source."""
 
     def __init__(
         self,
@@ -95,21 +129,21 @@ class Database:
         service: str,
         schema: str,
         pool_size: int = 10,
-        echo: bool = False,
         server_settings: Mapping[str, str] | None = None,
+        acquire_timeout: float = ACQUIRE_TIMEOUT_SECONDS,
     ) -> None:
-        """`server_settings`: PostgreSQL settings for every connection of the pool, on top of the kit's."""
+        """`server_settings`: PostgreSQL settings for every connection of the pool, on top of the kit's.
+
+        The pool opens connections on first use, up to `pool_size`, in the event loop that first uses it.
+        """
         self.service = service
         self.schema = schema
-        settings = {"application_name": f"tessera-{service}", "jit": "off", **(server_settings or {})}
-        self.engine: AsyncEngine = create_async_engine(
-            asyncpg_url(url),
-            pool_size=pool_size,
-            max_overflow=0,
-            pool_pre_ping=False,
-            echo=echo,
-            connect_args={"server_settings": settings},
-        )
+        self.dsn = dsn(url)
+        self.pool_size = pool_size
+        self.acquire_timeout = acquire_timeout
+        self.server_settings = {"application_name": f"tessera-{service}", "jit": "off", **(server_settings or {})}
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
         self.metadata = sa.MetaData()
         self.outbox = outbox_table(self.metadata, schema)
         self.inbox = inbox_table(self.metadata, schema)
@@ -119,6 +153,61 @@ class Database:
             )
         )
         self._event_listeners: list[Callable[[], None]] = []
+
+    async def pool(self) -> asyncpg.Pool:
+        """The pool, created on first use."""
+        if self._pool is None:
+            async with self._pool_lock:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(
+                        self.dsn,
+                        min_size=0,
+                        max_size=self.pool_size,
+                        server_settings=self.server_settings,
+                        init=_init_connection,
+                        reset=_no_reset,
+                    )
+        return self._pool
+
+    async def acquire(self) -> asyncpg.Connection:
+        """A connection of the pool; give it back with `release`.
+
+        Unavailable (retryable) when no connection frees up within `acquire_timeout`, or when a new one
+        cannot be opened (server down, restarting, out of connection slots).
+        """
+        try:
+            pool = await self.pool()
+            return await pool.acquire(timeout=self.acquire_timeout)
+        except TimeoutError:
+            _log.warning("no database connection free in time", service=self.service, seconds=self.acquire_timeout)
+            raise Unavailable(
+                f"no database connection free within {self.acquire_timeout:g}s",
+                reason=DATABASE_UNAVAILABLE,
+                retry_after=1.0,
+            ) from None
+        except (OSError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as error:
+            _log.warning("cannot connect to the database", service=self.service, error=repr(error))
+            raise Unavailable("the database cannot be reached", reason=DATABASE_UNAVAILABLE, retry_after=1.0) from None
+
+    async def release(self, conn: asyncpg.Connection, *, broken: bool = False) -> None:
+        """Give a connection back; `broken` (its state unknown: cancelled mid-statement, failed COMMIT)
+        closes it first, so the pool replaces it rather than hand it to the next caller."""
+        if broken:
+            conn.terminate()
+        pool = self._pool
+        assert pool is not None, "a connection released to a pool that was never created"
+        await pool.release(conn)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for work outside a unit of work (the relay, health checks); closed if the work fails."""
+        conn = await self.acquire()
+        try:
+            yield conn
+        except BaseException:
+            await self.release(conn, broken=True)
+            raise
+        await self.release(conn)
 
     def on_events_committed(self, listener: Callable[[], None]) -> None:
         """Register a callback run after a transaction that wrote outbox rows commits (wakes the relay)."""
@@ -134,25 +223,30 @@ class Database:
         return UnitOfWork(self, principal, tenant)
 
     async def ping(self) -> None:
-        async with self.engine.connect() as conn:
-            await conn.execute(sa.text("SELECT 1"))
+        async with self.connection() as conn:
+            await conn.fetchval("SELECT 1")
 
     async def dispose(self) -> None:
-        await self.engine.dispose()
+        """Close the pool: checked-out connections get DISPOSE_TIMEOUT_SECONDS to come back."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), timeout=DISPOSE_TIMEOUT_SECONDS)
+        except TimeoutError:
+            pool.terminate()
 
 
 class UnitOfWork:
     """One transaction: tenant context first, then the work, then the outbox rows, then commit.
 
-    Statements run on the asyncpg connection under SQLAlchemy's pooled connection (see
-    `services.kit.sql.Query`); SQLAlchemy provides the pool, Core statements and migrations.
+    Statements (`services.kit.sql.Query`) run on one connection of the service's asyncpg pool.
     """
 
     def __init__(self, db: Database, principal: Principal | None, tenant_id: str | None) -> None:
         self.db = db
         self.principal = principal
         self.tenant_id = tenant_id
-        self._pooled: AsyncConnection | None = None
         self._driver: asyncpg.Connection | None = None
         self._pending: list[tuple[EventEnvelope, str]] = []
         self._started = 0.0
@@ -169,19 +263,16 @@ class UnitOfWork:
         # Validated before they reach SQL: they are inlined so BEGIN and the context cost one round trip.
         tenant = str(uuid.UUID(self.tenant_id)) if self.tenant_id else ""
         subject = str(uuid.UUID(self.principal.subject)) if self.principal else ""
-        pooled = await self.db.engine.connect()
+        driver = await self.db.acquire()
         try:
-            driver = (await pooled.get_raw_connection()).driver_connection
-            assert driver is not None, "the pool handed out a closed connection"
             await driver.execute(
                 f"BEGIN; SELECT set_config('{TENANT_SETTING}', '{tenant}', true), "
                 f"set_config('{SUBJECT_SETTING}', '{subject}', true)"
             )
         except BaseException:
-            await pooled.invalidate()
-            await pooled.close()
+            await self.db.release(driver, broken=True)
             raise
-        self._pooled, self._driver = pooled, driver
+        self._driver = driver
         return self
 
     async def fetch(self, query: Query | sa.ClauseElement, **params: Any) -> list[asyncpg.Record]:
@@ -229,9 +320,9 @@ class UnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        pooled, driver = self._pooled, self.driver
-        assert pooled is not None
+        driver = self.driver
         outcome = "rollback"
+        broken = False
         committed_events = False
         try:
             if exc_type is None:
@@ -259,12 +350,12 @@ class UnitOfWork:
         except BaseException:
             # The connection's state is unknown (cancelled mid-statement, broken socket, failed COMMIT):
             # never hand it to the next caller.
-            await pooled.invalidate()
+            broken = True
             raise
         finally:
             self._pending.clear()
-            self._pooled = self._driver = None
-            await pooled.close()
+            self._driver = None
+            await self.db.release(driver, broken=broken)
             UOW_SECONDS.labels(self.db.service, outcome).observe(time.perf_counter() - self._started)
         if committed_events:
             self.db._events_committed()

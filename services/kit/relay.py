@@ -91,6 +91,7 @@ class OutboxRelay:
             .limit(sa.bindparam("limit", type_=sa.Integer))
             .with_for_update(skip_locked=True)
         )
+        self._outbox_has_rows = Query(sa.select(sa.exists().select_from(outbox)))
         self._delete_published = Query(
             sa.delete(outbox).where(outbox.c.id == sa.any_(sa.bindparam("ids", type_=postgresql.ARRAY(sa.Uuid))))
         )
@@ -150,9 +151,9 @@ class OutboxRelay:
                 await asyncio.sleep(min(0.05, remaining))  # rows locked by another replica's round
 
     async def _is_empty(self) -> bool:
-        async with self.db.engine.connect() as conn:
-            found = await conn.scalar(sa.select(sa.exists().select_from(self.db.outbox)))
-            await conn.rollback()
+        query = self._outbox_has_rows
+        async with self.db.connection() as conn:
+            found = await conn.fetchval(query.sql, *query.arguments({}))
         return not found
 
     def _backoff(self) -> float:
@@ -183,19 +184,9 @@ class OutboxRelay:
 
     async def relay_once(self) -> tuple[int, bool]:
         """One round: publish a locked batch and delete what JetStream acknowledged; (published, failed)."""
-        async with self._lock:
-            pooled = await self.db.engine.connect()
-            try:
-                driver = (await pooled.get_raw_connection()).driver_connection
-                assert driver is not None, "the pool handed out a closed connection"
-                async with driver.transaction():
-                    return await self._relay_batch(driver)
-            except BaseException:
-                # Failed or cancelled mid-statement: the connection's state is unknown, never reuse it.
-                await pooled.invalidate()
-                raise
-            finally:
-                await pooled.close()
+        # Failed or cancelled mid-statement, the connection is closed, never reused (Database.connection).
+        async with self._lock, self.db.connection() as driver, driver.transaction():
+            return await self._relay_batch(driver)
 
     async def _relay_batch(self, driver: asyncpg.Connection) -> tuple[int, bool]:
         query = self._select_batch

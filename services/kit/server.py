@@ -1,14 +1,14 @@
 """The grpc.aio server of one service process: bootstrap, health, reflection, graceful shutdown.
 
 `ServiceRuntime` owns the server, the health servicer, the background services (outbox relay,
-consumers, the revocation list) and the database engine; with TESSERA_AUTH=enforced it verifies
+consumers, the revocation list) and the database pool; with TESSERA_AUTH=enforced it verifies
 tokens with the given verifier or, by default, with the identity service's JWKS
 (TESSERA_IDENTITY_ADDRESS); `run_service` is the process entry point every
 `services/<domain>/main.py` calls.
 
 Shutdown order: every health status becomes NOT_SERVING (and stays so), an optional drain pause lets
 load balancers and probes notice, then the server stops accepting RPCs and gives in-flight ones the
-grace period, then background services stop in reverse start order, then the database engine closes.
+grace period, then background services stop in reverse start order, then the database pool closes.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.kit.broker import DLQ_STREAM, Broker
 from services.kit.consumer import dlq_subject
-from services.kit.db import Database, UnitOfWork, asyncpg_url, inbox_table, outbox_table, with_user
+from services.kit.db import Database, UnitOfWork, inbox_table, outbox_table, with_user
 from services.kit.events import stream_name
 from services.kit.ids import uuid7
 from tessera.common.v1.event_pb2 import EventEnvelope
@@ -82,7 +82,7 @@ async def _create_kit_schema(admin_url: str) -> None:
     metadata = sa.MetaData()
     outbox_table(metadata, KIT_SCHEMA)
     inbox_table(metadata, KIT_SCHEMA)
-    engine = create_async_engine(asyncpg_url(admin_url))
+    engine = create_async_engine("postgresql+asyncpg://" + admin_url.split("://", 1)[1])
     try:
         async with engine.begin() as sa_conn:
             await sa_conn.run_sync(metadata.create_all)

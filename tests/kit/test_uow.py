@@ -11,8 +11,11 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 
-from services.kit.db import Database
+from services.kit.db import DATABASE_UNAVAILABLE, Database
+from services.kit.errors import Unavailable
 from services.kit.ids import uuid7
+from services.kit.sql import Query
+from tessera_cli.embedded import free_port
 from tests.kit.conftest import KIT_SCHEMA, outbox_count, workspace_event
 
 TENANT_A = str(uuid7())
@@ -35,16 +38,12 @@ async def one_connection_db(kit_db_url: str, kit_source: str, kit_clean: asyncpg
 
 @pytest.mark.gate("S03")
 async def test_role_under_test_cannot_bypass_rls(kit_db: Database) -> None:
-    async with kit_db.engine.connect() as conn:
-        row = (
-            await conn.execute(
-                sa.text(
-                    "SELECT r.rolsuper, r.rolbypassrls, c.relowner = r.oid AS owns_notes "
-                    "FROM pg_roles r, pg_class c WHERE r.rolname = current_user AND c.oid = 'kit_test.notes'::regclass"
-                )
-            )
-        ).one()
-    assert (row.rolsuper, row.rolbypassrls, row.owns_notes) == (False, False, False)
+    async with kit_db.connection() as conn:
+        row = await conn.fetchrow(
+            "SELECT r.rolsuper, r.rolbypassrls, c.relowner = r.oid AS owns_notes "
+            "FROM pg_roles r, pg_class c WHERE r.rolname = current_user AND c.oid = 'kit_test.notes'::regclass"
+        )
+    assert (row["rolsuper"], row["rolbypassrls"], row["owns_notes"]) == (False, False, False)
 
 
 @pytest.mark.gate("S03")
@@ -109,18 +108,17 @@ async def test_tenant_setting_does_not_leak_to_the_next_transaction(one_connecti
         assert await uow.fetchval(sa.text("SELECT current_setting('tessera.tenant_id', true)")) == TENANT_A
         await uow.execute(INSERT_NOTE, tenant=TENANT_A, id=uuid7(), body="a")
 
-    async with db.engine.connect() as conn:
-        assert await conn.scalar(sa.text("SELECT pg_backend_pid()")) == pid
-        assert await conn.scalar(sa.text("SELECT current_setting('tessera.tenant_id', true)")) in ("", None)
-        assert (await conn.execute(SELECT_NOTES)).all() == []
-        await conn.rollback()
+    async with db.connection() as conn:
+        assert await conn.fetchval("SELECT pg_backend_pid()") == pid
+        assert await conn.fetchval("SELECT current_setting('tessera.tenant_id', true)") in ("", None)
+        assert await conn.fetch(Query(SELECT_NOTES).sql) == []
 
     with pytest.raises(RuntimeError, match="boom"):
         async with db.unit_of_work(None, tenant_id=TENANT_B):
             raise RuntimeError("boom")
-    async with db.engine.connect() as conn:
-        assert await conn.scalar(sa.text("SELECT current_setting('tessera.tenant_id', true)")) in ("", None)
-        await conn.rollback()
+    async with db.connection() as conn:
+        assert await conn.fetchval("SELECT pg_backend_pid()") == pid  # the same connection: nothing was left set
+        assert await conn.fetchval("SELECT current_setting('tessera.tenant_id', true)") in ("", None)
 
 
 @pytest.mark.gate("S08")
@@ -155,3 +153,72 @@ async def test_events_commit_and_roll_back_with_the_unit_of_work(
     with pytest.raises(ValueError, match="tenant"):
         async with kit_db.unit_of_work(None) as uow:
             uow.emit(workspace_event(), subject="workspaces/x")
+
+
+@pytest.mark.gate("S02")
+async def test_a_busy_or_unreachable_database_is_unavailable_not_internal(kit_db_url: str, kit_source: str) -> None:
+    """No connection free in time, or none can be opened: UNAVAILABLE (retryable), and the pool recovers."""
+    db = Database(kit_db_url, service=kit_source, schema=KIT_SCHEMA, pool_size=1, acquire_timeout=0.05)
+    try:
+        async with db.connection() as held:
+            with pytest.raises(Unavailable, match=r"no database connection free within 0\.05s") as busy:
+                async with db.unit_of_work(None, tenant_id=TENANT_A):
+                    pass
+            assert busy.value.reason == DATABASE_UNAVAILABLE
+            held_pid = await held.fetchval("SELECT pg_backend_pid()")
+        async with db.unit_of_work(None, tenant_id=TENANT_A) as uow:  # released: the next caller gets it
+            assert await uow.fetchval(sa.text("SELECT pg_backend_pid()")) == held_pid
+    finally:
+        await db.dispose()
+    nowhere = Database(
+        f"postgresql://nobody@127.0.0.1:{free_port()}/nothing", service=kit_source, schema=KIT_SCHEMA, pool_size=1
+    )
+    try:
+        with pytest.raises(Unavailable, match="cannot be reached") as down:
+            await nowhere.ping()
+        assert down.value.reason == DATABASE_UNAVAILABLE
+    finally:
+        await nowhere.dispose()
+
+
+@pytest.mark.gate("S02")
+async def test_json_parameters_are_json_text_and_results_are_parsed(kit_db: Database) -> None:
+    async with kit_db.connection() as conn:
+        assert await conn.fetchval("SELECT $1::jsonb", '{"a": [1, "x"]}') == {"a": [1, "x"]}
+        assert await conn.fetchval("SELECT $1::json", "[true, null]") == [True, None]
+        with pytest.raises((TypeError, asyncpg.DataError), match="passed as JSON text"):
+            await conn.fetchval("SELECT $1::jsonb", {"a": 1})
+
+
+@pytest.mark.gate("S03")
+async def test_a_connection_that_failed_mid_transaction_is_never_handed_out_again(
+    one_connection_db: Database, kit_clean: asyncpg.Connection
+) -> None:
+    """A cancelled statement is rolled back and the connection reused clean; a connection whose rollback
+    fails too (here: the server ended the session) is closed and replaced, never handed out again."""
+    db = one_connection_db
+
+    async def slow() -> None:
+        async with db.unit_of_work(None, tenant_id=TENANT_A) as uow:
+            await uow.execute(sa.text("SELECT pg_sleep(10)"))
+
+    task = asyncio.create_task(slow())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with db.unit_of_work(None, tenant_id=TENANT_B) as uow:
+        pid = await uow.fetchval(sa.text("SELECT pg_backend_pid()"))
+        assert await uow.fetchval(sa.text("SELECT current_setting('tessera.tenant_id', true)")) == TENANT_B
+
+    async def session_ended() -> None:
+        async with db.unit_of_work(None, tenant_id=TENANT_A) as uow:
+            await kit_clean.execute("SELECT pg_terminate_backend($1)", pid)
+            await uow.execute(sa.text("SELECT 1"))
+
+    # The session is gone: the statement fails, and so does the ROLLBACK after it.
+    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
+        await session_ended()
+    async with db.unit_of_work(None, tenant_id=TENANT_B) as uow:
+        assert await uow.fetchval(sa.text("SELECT pg_backend_pid()")) != pid
+        assert await uow.fetchval(sa.text("SELECT current_setting('tessera.tenant_id', true)")) == TENANT_B
