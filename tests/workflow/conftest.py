@@ -128,6 +128,13 @@ class Scene:
                 request_id=request_id,
             )
 
+    async def update_project(self, project: Project, *, principal: Principal | None = None, **options: Any) -> Project:
+        caller = principal or self.owner
+        async with self.db.unit_of_work(caller) as uow:
+            return await self.service.update_project(
+                uow, caller, workspace_id=project.workspace_id, project_id=project.id, **options
+            )
+
     async def create_item(
         self,
         project: Project,

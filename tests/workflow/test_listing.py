@@ -258,15 +258,7 @@ async def test_listing_after_the_custom_fields_change_uses_the_new_definitions(s
     assert scene.service._listed_field_types[key] == (("estimate", "NUMBER"),)
     # No item carries estimate: it may become a string, and team joins it.
     retyped = (CustomFieldDefinition("estimate", "Estimate", CustomFieldType.STRING), TEAM)
-    async with scene.db.unit_of_work(scene.owner) as uow:
-        await scene.service.update_project(
-            uow,
-            scene.owner,
-            workspace_id=project.workspace_id,
-            project_id=project.id,
-            custom_fields=retyped,
-            update_mask=("custom_fields",),
-        )
+    await scene.update_project(project, custom_fields=retyped, update_mask=("custom_fields",))
     # A page compiled under the remembered types shows, beside its rows, that they are stale: read again.
     assert [item.id for item in (await list_page(scene, project)).items] == [plain.id]
     assert scene.service._listed_field_types[key] == (("estimate", "STRING"), ("team", "STRING"))

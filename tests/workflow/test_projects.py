@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 import asyncpg
 import pytest
@@ -11,9 +10,7 @@ import pytest
 from services.kit.authz import ADMIN, MEMBER, VIEWER
 from services.kit.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from services.kit.ids import uuid7
-from services.kit.principal import Principal
 from services.workflow.errors import REQUEST_ID_REUSED
-from services.workflow.models import Project
 from services.workflow.workflow import (
     DEFAULT_WORKFLOW,
     CustomFieldDefinition,
@@ -36,14 +33,6 @@ SIMPLE = Workflow(
     transitions=(Transition("open", "closed"), Transition("closed", "open")),
     initial_state="open",
 )
-
-
-async def update(scene: Scene, project: Project, *, principal: Principal | None = None, **options: Any) -> Project:
-    caller = principal or scene.owner
-    async with scene.db.unit_of_work(caller) as uow:
-        return await scene.service.update_project(
-            uow, caller, workspace_id=project.workspace_id, project_id=project.id, **options
-        )
 
 
 class TestCreateProject:
@@ -162,7 +151,9 @@ class TestGetAndListProjects:
 class TestUpdateProject:
     async def test_update_display_name_with_mask_and_event(self, scene: Scene, admin_conn: asyncpg.Connection) -> None:
         project = await scene.create_project(display_name="Old")
-        updated = await update(scene, project, display_name="New", update_mask=["display_name"], etag=project.etag)
+        updated = await scene.update_project(
+            project, display_name="New", update_mask=["display_name"], etag=project.etag
+        )
         assert (updated.display_name, updated.etag, updated.workflow) == ("New", '"v2"', project.workflow)
         [envelope] = await outbox_events(admin_conn, tenant=scene.workspace_id, event_type=PROJECT_UPDATED)
         event = workflow_events_pb2.ProjectUpdatedEvent()
@@ -173,41 +164,41 @@ class TestUpdateProject:
         self, scene: Scene, admin_conn: asyncpg.Connection
     ) -> None:
         project = await scene.create_project(display_name="Same")
-        same = await update(scene, project, display_name="Same", update_mask=["display_name"])
+        same = await scene.update_project(project, display_name="Same", update_mask=["display_name"])
         assert same.etag == project.etag
         assert await outbox_events(admin_conn, tenant=scene.workspace_id, event_type=PROJECT_UPDATED) == []
-        await update(scene, project, display_name="Changed", update_mask=["display_name"])
+        await scene.update_project(project, display_name="Changed", update_mask=["display_name"])
         with pytest.raises(Aborted):
-            await update(scene, project, display_name="Again", update_mask=["display_name"], etag=project.etag)
+            await scene.update_project(project, display_name="Again", update_mask=["display_name"], etag=project.etag)
 
     async def test_unknown_mask_path_and_missing_workflow(self, scene: Scene) -> None:
         project = await scene.create_project()
         with pytest.raises(InvalidArgument) as caught:
-            await update(scene, project, update_mask=["creator"])
+            await scene.update_project(project, update_mask=["creator"])
         assert [v.field for v in caught.value.violations] == ["update_mask"]
         for mask in (["workflow"], ["*"]):
             with pytest.raises(InvalidArgument) as caught:
-                await update(scene, project, display_name="P", update_mask=mask)
+                await scene.update_project(project, display_name="P", update_mask=mask)
             assert [v.field for v in caught.value.violations] == ["project.workflow"]
 
     async def test_no_mask_replaces_every_field_but_keeps_an_absent_workflow(self, scene: Scene) -> None:
         project = await scene.create_project(display_name="Old", workflow=SIMPLE)
-        updated = await update(scene, project, display_name="New")
+        updated = await scene.update_project(project, display_name="New")
         assert (updated.display_name, updated.description, updated.workflow) == ("New", "", SIMPLE)
         assert updated.custom_fields == ()
-        replaced = await update(scene, updated, display_name="New", workflow=DEFAULT_WORKFLOW)
+        replaced = await scene.update_project(updated, display_name="New", workflow=DEFAULT_WORKFLOW)
         assert replaced.workflow == DEFAULT_WORKFLOW
 
     async def test_members_cannot_update(self, scene: Scene) -> None:
         project = await scene.create_project()
         with pytest.raises(PermissionDenied):
-            await update(scene, project, principal=scene.member, display_name="x", update_mask=["display_name"])
+            await scene.update_project(project, principal=scene.member, display_name="x", update_mask=["display_name"])
 
     async def test_a_new_workflow_must_keep_every_state_in_use(self, scene: Scene) -> None:
         project = await scene.create_project()
         await scene.create_item(project)  # in backlog
         with pytest.raises(FailedPrecondition) as caught:
-            await update(scene, project, workflow=SIMPLE, update_mask=["workflow"])
+            await scene.update_project(project, workflow=SIMPLE, update_mask=["workflow"])
         assert caught.value.metadata["states_in_use"] == "backlog"
         assert "backlog" in caught.value.message
 
@@ -222,7 +213,7 @@ class TestUpdateProject:
             for s in DEFAULT_WORKFLOW.states
         )
         recategorised = Workflow(states, DEFAULT_WORKFLOW.transitions, DEFAULT_WORKFLOW.initial_state)
-        updated = await update(scene, project, workflow=recategorised, update_mask=["workflow"])
+        updated = await scene.update_project(project, workflow=recategorised, update_mask=["workflow"])
         assert updated.workflow.category_of("backlog") is StateCategory.ACTIVE
         stored = await admin_conn.fetchval("SELECT status_category FROM workflow.items WHERE id = $1", item.id)
         assert stored == "ACTIVE"
@@ -233,16 +224,16 @@ class TestUpdateProject:
         await scene.create_item(project, custom_fields={"estimate": 3})
         without_estimate = tuple(d for d in CUSTOM_FIELDS if d.key != "estimate")
         with pytest.raises(FailedPrecondition) as caught:
-            await update(scene, project, custom_fields=without_estimate, update_mask=["custom_fields"])
+            await scene.update_project(project, custom_fields=without_estimate, update_mask=["custom_fields"])
         assert caught.value.metadata["custom_fields_in_use"] == "estimate"
         retyped = tuple(
             CustomFieldDefinition("estimate", "E", CustomFieldType.STRING) if d is ESTIMATE else d
             for d in CUSTOM_FIELDS
         )
         with pytest.raises(FailedPrecondition):
-            await update(scene, project, custom_fields=retyped, update_mask=["custom_fields"])
+            await scene.update_project(project, custom_fields=retyped, update_mask=["custom_fields"])
         without_team = tuple(d for d in CUSTOM_FIELDS if d.key != "team")
-        updated = await update(scene, project, custom_fields=without_team, update_mask=["custom_fields"])
+        updated = await scene.update_project(project, custom_fields=without_team, update_mask=["custom_fields"])
         assert updated.custom_field("team") is None
 
     async def test_removing_an_enum_value_in_use_is_refused(self, scene: Scene) -> None:
@@ -253,5 +244,5 @@ class TestUpdateProject:
             for d in CUSTOM_FIELDS
         )
         with pytest.raises(FailedPrecondition) as caught:
-            await update(scene, project, custom_fields=narrowed, update_mask=["custom_fields"])
+            await scene.update_project(project, custom_fields=narrowed, update_mask=["custom_fields"])
         assert caught.value.metadata == {"custom_field": "severity", "values_in_use": "high"}
