@@ -33,7 +33,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,10 +41,8 @@ import psutil
 from bench_get_workspace import (
     REPO,
     Caller,
-    EmbeddedNats,
-    EmbeddedPostgres,
     Result,
-    _admin,
+    bench_stack,
     grpc_frame,
     run_h2load,
     sign_up_with_workspace,
@@ -85,24 +82,8 @@ def main() -> None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
 
     tmp = Path(tempfile.mkdtemp(prefix="tessera-bench-gw-"))
-    servers: list[EmbeddedPostgres | EmbeddedNats] = []
-    server_url = os.environ.get("TESSERA_DATABASE_URL")
-    nats_url = os.environ.get("TESSERA_NATS_URL")
-    if not server_url:
-        pg = EmbeddedPostgres(tmp / "pg").start()
-        servers.append(pg)
-        server_url = pg.url()
-    if not nats_url:
-        nats = EmbeddedNats(tmp / "nats").start()
-        servers.append(nats)
-        nats_url = nats.url
-    dbname = f"tessera_bench_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{dbname}"'))
-    admin = server_url.rsplit("/", 1)[0] + "/" + dbname
-    processes: dict[str, psutil.Popen] = {}
-    try:
-        runner.bootstrap(admin)
-        runner.upgrade(admin, "head")
+    with bench_stack(tmp) as stack:
+        admin, nats_url, processes = stack.admin_url, stack.nats_url, stack.processes
         ports = {name: free_port() for name in ("identity", "tenancy", "tenancy_open", "gateway", "bare")}
         common = {
             **os.environ,
@@ -207,13 +188,6 @@ def main() -> None:
                 for _label, run in paths[shift:] + paths[:shift]:
                     results.append(measure_outside(lambda c, run=run: run_again_if_cut(run, c), c))
         report(results)
-    finally:
-        for process in processes.values():
-            process.terminate()
-            process.wait(20)
-        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
-        for s in servers:
-            s.stop()
 
 
 def start_bare_proxy(port: int, backend: str, log_path: Path) -> psutil.Popen:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,16 +264,20 @@ def start_service(module: str, env: dict[str, str], log_path: Path) -> psutil.Po
         return psutil.Popen([sys.executable, "-m", module], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=6.0, help="length of one measured segment")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per concurrency (medians reported)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
-    args = parser.parse_args()
-    if not shutil.which("h2load"):
-        raise SystemExit("h2load not found: apt-get install nghttp2-client")
+@dataclass
+class BenchStack:
+    """What `bench_stack` provides: a fresh database migrated to head, NATS, and the processes to stop."""
 
-    tmp = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
+    admin_url: str  # superuser URL of the benchmark's own database
+    nats_url: str
+    processes: dict[str, psutil.Popen]
+
+
+@contextlib.contextmanager
+def bench_stack(tmp: Path, *, keep: bool = False) -> Iterator[BenchStack]:
+    """Servers (TESSERA_DATABASE_URL / TESSERA_NATS_URL, embedded ones in `tmp` otherwise) and a new
+    database migrated to head. On exit the processes the benchmark added to `processes` are stopped,
+    the database is dropped (kept with `keep`: its URL is printed) and embedded servers stop."""
     servers: list[EmbeddedPostgres | EmbeddedNats] = []
     server_url = os.environ.get("TESSERA_DATABASE_URL")
     nats_url = os.environ.get("TESSERA_NATS_URL")
@@ -286,10 +292,36 @@ def main() -> None:
     dbname = f"tessera_bench_{uuid.uuid4().hex[:8]}"
     asyncio.run(_admin(server_url, f'CREATE DATABASE "{dbname}"'))
     admin = server_url.rsplit("/", 1)[0] + "/" + dbname
-    processes: dict[str, psutil.Popen] = {}
+    stack = BenchStack(admin, nats_url, {})
     try:
         runner.bootstrap(admin)
         runner.upgrade(admin, "head")
+        yield stack
+    finally:
+        for process in stack.processes.values():
+            with contextlib.suppress(psutil.NoSuchProcess):  # one that failed to start is gone already
+                process.terminate()
+                process.wait(20)
+        if keep:
+            print(f"kept the database: {admin}")
+        else:
+            asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
+        for server in servers:
+            server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=6.0, help="length of one measured segment")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per concurrency (medians reported)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
+    args = parser.parse_args()
+    if not shutil.which("h2load"):
+        raise SystemExit("h2load not found: apt-get install nghttp2-client")
+
+    tmp = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
+    with bench_stack(tmp) as stack:
+        admin, nats_url, processes = stack.admin_url, stack.nats_url, stack.processes
         ports = {"identity": free_port(), "tenancy": free_port(), "tenancy_open": free_port()}
         common = {
             **os.environ,
@@ -334,13 +366,6 @@ def main() -> None:
                     results.append(run_h2load(label, port, headers, body, c, args.seconds, tmp, process))
                 results.append(run_raw(tenancy_url, ws_id, c, args.seconds))
         print_report(results)
-    finally:
-        for process in processes.values():
-            process.terminate()
-            process.wait(20)
-        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
-        for s in servers:
-            s.stop()
 
 
 async def _admin(url: str, sql: str) -> None:

@@ -51,10 +51,8 @@ import asyncpg
 import grpc
 import psutil
 from bench_get_workspace import (
-    EmbeddedNats,
-    EmbeddedPostgres,
     Result,
-    _admin,
+    bench_stack,
     grpc_frame,
     run_h2load,
     sign_up_with_workspace,
@@ -302,24 +300,8 @@ def main() -> None:
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
 
     tmp = Path(tempfile.mkdtemp(prefix="tessera-bench-wf-"))
-    servers: list[EmbeddedPostgres | EmbeddedNats] = []
-    server_url = os.environ.get("TESSERA_DATABASE_URL")
-    nats_url = os.environ.get("TESSERA_NATS_URL")
-    if not server_url:
-        pg = EmbeddedPostgres(tmp / "pg").start()
-        servers.append(pg)
-        server_url = pg.url()
-    if not nats_url:
-        nats = EmbeddedNats(tmp / "nats").start()
-        servers.append(nats)
-        nats_url = nats.url
-    dbname = f"tessera_bench_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{dbname}"'))
-    admin = server_url.rsplit("/", 1)[0] + "/" + dbname
-    processes: dict[str, psutil.Popen] = {}
-    try:
-        runner.bootstrap(admin)
-        runner.upgrade(admin, "head")
+    with bench_stack(tmp, keep=args.keep) as stack:
+        admin, nats_url, processes = stack.admin_url, stack.nats_url, stack.processes
         ports = {name: free_port() for name in ("identity", "tenancy", "tenancy_open", "workflow")}
         common = {
             **os.environ,
@@ -458,17 +440,6 @@ def main() -> None:
                                 )
                             )
         report(results)
-    finally:
-        for process in processes.values():
-            with contextlib.suppress(psutil.NoSuchProcess):  # one that failed to start is gone already
-                process.terminate()
-                process.wait(20)
-        if args.keep:
-            print(f"kept the database: {admin}")
-        else:
-            asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)'))
-        for s in servers:
-            s.stop()
 
 
 @contextlib.contextmanager
