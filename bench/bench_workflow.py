@@ -369,15 +369,8 @@ def main() -> None:
             bodies[key].write_bytes(grpc_frame(request.SerializeToString()))
 
         # The service's own statement, compiled for asyncpg as its unit of work compiles it (kit.sql.Query).
-        list_query = Query(
-            with_project_custom_fields(
-                compile_list(
-                    ItemQuery(tenant_id=tenant, project_id=project_id, filter=list_filter, order_by=LIST_ORDER), {}
-                ).statement(None, 51),
-                workspace_id=tenant,
-                project_id=project_id,
-            )
-        )
+        item_query = ItemQuery(tenant_id=tenant, project_id=project_id, filter=list_filter, order_by=LIST_ORDER)
+        list_query = Query(with_project_custom_fields(compile_list(item_query, {}).statement(None, 51), item_query))
         raw_list = {
             "label": RAW_LIST,
             "kind": "list",

@@ -38,7 +38,8 @@ async def serve(job: dict[str, Any]) -> None:
         f"BEGIN; SELECT set_config('tessera.tenant_id', '{job['tenant']}', true), "
         "set_config('tessera.subject', '', true)"
     )
-    sql, params, response = job["sql"], job["params"], job["response"]
+    sql, params = job["sql"], job["params"]
+    response: bytes = job["response"]
 
     async def list_items(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         async with pool.acquire() as conn:
@@ -47,11 +48,11 @@ async def serve(job: dict[str, Any]) -> None:
             await conn.execute("COMMIT")
         if len(rows) != 51:
             await context.abort(grpc.StatusCode.INTERNAL, f"expected a full page, got {len(rows)} rows")
-        return response  # type: ignore[no-any-return]  # bytes out: no response serializer
+        return response  # bytes out: the handler has no response serializer
 
     class Handler(grpc.GenericRpcHandler):
         def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-            if handler_call_details.method == METHOD:  # type: ignore[attr-defined]  # grpc's stubs omit it
+            if handler_call_details.method == METHOD:
                 return grpc.unary_unary_rpc_method_handler(list_items)  # bytes in and out
             return None
 

@@ -47,6 +47,7 @@ from services.workflow.models import (
     projects,
     usage,
 )
+from services.workflow.query import ItemQuery
 from services.workflow.workflow import (
     CustomFieldDefinition,
     Workflow,
@@ -113,16 +114,14 @@ def _project(row: Mapping[str, Any]) -> Project:
 LISTED_PROJECT_FIELDS = "listed_project_custom_fields"
 
 
-def with_project_custom_fields(
-    statement: sa.Select[Any], *, workspace_id: uuid.UUID, project_id: uuid.UUID
-) -> sa.Select[Any]:
-    """`statement` plus the column LISTED_PROJECT_FIELDS: the project's custom field definitions as JSON text
-    (NULL if the project is not there), read in the same snapshot as the rows."""
+def with_project_custom_fields(statement: sa.Select[Any], query: ItemQuery) -> sa.Select[Any]:
+    """A list statement of `query` plus the column LISTED_PROJECT_FIELDS: its project's custom field
+    definitions as JSON text (NULL if the project is not there), read in the same snapshot as the rows."""
     definitions = (
         sa.select(sa.cast(projects.c.custom_fields, sa.Text))
         .where(
-            projects.c.tenant_id == sa.bindparam("listed_project_tenant", workspace_id, type_=sa.Uuid),
-            projects.c.id == sa.bindparam("listed_project_id", project_id, type_=sa.Uuid),
+            projects.c.tenant_id == sa.bindparam("listed_project_tenant", query.tenant_id, type_=sa.Uuid),
+            projects.c.id == sa.bindparam("listed_project_id", query.project_id, type_=sa.Uuid),
         )
         .scalar_subquery()
     )

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import sqlalchemy as sa
 import structlog
 
 from services.kit.authz import WORKSPACE, auth_rule_for
@@ -202,11 +201,7 @@ def _first_page_query(
     exactly the statement a miss would compile. Errors are raised, never cached.
     """
     compiled = compile_list(query, dict(field_types))
-    return compiled, Query(_listed(compiled.statement(None, limit), query))
-
-
-def _listed(statement: sa.Select[Any], query: ItemQuery) -> sa.Select[Any]:
-    return with_project_custom_fields(statement, workspace_id=query.tenant_id, project_id=query.project_id)
+    return compiled, Query(with_project_custom_fields(compiled.statement(None, limit), query))
 
 
 # Projects whose custom field types ListItems compiled with last, at most this many remembered.
@@ -931,7 +926,7 @@ class WorkflowService:
         key = _query_key("ListItems", *compiled.key_parts)
         if page_token:
             after = self.page_tokens.decode(page_token, query_key=key, issued_to=issued_to)
-            rows = await uow.fetch(_listed(compiled.statement(after, size + 1), query))
+            rows = await uow.fetch(with_project_custom_fields(compiled.statement(after, size + 1), query))
         else:
             rows = await uow.fetch(first_page)
         if not checked:
