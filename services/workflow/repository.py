@@ -781,11 +781,15 @@ USAGE_SHARDS = 16
 _TENANT = sa.bindparam("tenant", type_=sa.Uuid)
 _MAX = sa.bindparam("max", type_=sa.BigInteger)
 _SHARE = f"(:max / {USAGE_SHARDS} + CASE WHEN shard < :max % {USAGE_SHARDS} THEN 1 ELSE 0 END)"
+# The pick is a MATERIALIZED CTE: it runs once, so the UPDATE changes at most one shard. As a subquery
+# in UPDATE ... FROM, the planner may put it on the inner side of a nested loop over the workspace's 16
+# rows and run it again for each, drawing a new random shard each time: one create then counted in
+# several shards (seen with a large usage table, where the plan flips; the limit was then refused early).
 _COUNT_ITEM_FAST = Query(
     sa.text(
-        f"UPDATE {usage.fullname} AS u SET item_count = u.item_count + 1 "
-        f"FROM (SELECT shard FROM {usage.fullname} WHERE tenant_id = :tenant AND item_count < {_SHARE} "
-        "ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED) AS pick "
+        f"WITH pick AS MATERIALIZED (SELECT shard FROM {usage.fullname} WHERE tenant_id = :tenant "
+        f"AND item_count < {_SHARE} ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED) "
+        f"UPDATE {usage.fullname} AS u SET item_count = u.item_count + 1 FROM pick "
         "WHERE u.tenant_id = :tenant AND u.shard = pick.shard RETURNING u.shard"
     ).bindparams(_TENANT, _MAX)
 )
@@ -808,11 +812,11 @@ _CREATE_SHARDS = Query(
         "ON CONFLICT (tenant_id, shard) DO NOTHING"
     ).bindparams(_TENANT)
 )
-_UNCOUNT_ITEM_FAST = Query(
+_UNCOUNT_ITEM_FAST = Query(  # the pick runs once, as in _COUNT_ITEM_FAST
     sa.text(
-        f"UPDATE {usage.fullname} AS u SET item_count = u.item_count - 1 "
-        f"FROM (SELECT shard FROM {usage.fullname} WHERE tenant_id = :tenant AND item_count > 0 "
-        "ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED) AS pick "
+        f"WITH pick AS MATERIALIZED (SELECT shard FROM {usage.fullname} WHERE tenant_id = :tenant "
+        "AND item_count > 0 ORDER BY random() LIMIT 1 FOR UPDATE SKIP LOCKED) "
+        f"UPDATE {usage.fullname} AS u SET item_count = u.item_count - 1 FROM pick "
         "WHERE u.tenant_id = :tenant AND u.shard = pick.shard RETURNING u.shard"
     ).bindparams(_TENANT)
 )

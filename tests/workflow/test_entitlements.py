@@ -12,6 +12,7 @@ from services.kit.db import Database
 from services.kit.errors import ResourceExhausted
 from services.kit.ids import uuid7
 from services.workflow.errors import LIMIT_EXCEEDED
+from services.workflow.repository import UsageRepository
 from tests.workflow.conftest import Scene, acting, make_service
 
 pytestmark = pytest.mark.gate("S10")
@@ -178,3 +179,36 @@ async def test_concurrent_creates_and_deletes_at_the_limit_keep_the_count_exact(
     assert await usage(admin_conn, sharded) == live
     created = sum(not isinstance(r, BaseException) for r in results[12:])
     assert live == limit - 12 + created
+
+
+async def test_each_create_and_delete_moves_the_counter_by_exactly_one_whatever_the_plan(
+    workflow_db: Database, admin_conn: asyncpg.Connection
+) -> None:
+    """The counter's statements change exactly one shard per call, whatever plan PostgreSQL picks.
+
+    With statistics that expect about one usage row per workspace (here: 48,000 rows of distinct
+    workspaces), the planner ran the random shard pick once per shard row of the UPDATE it fed, drawing
+    another shard each time: one create counted in several shards, and the limit was refused early.
+    """
+    others = [uuid.uuid4() for _ in range(48_000)]
+    await admin_conn.execute(
+        "INSERT INTO workflow.usage (tenant_id, shard, item_count) SELECT t, 0, 0 FROM unnest($1::uuid[]) AS t",
+        others,
+    )
+    await admin_conn.execute("ANALYZE workflow.usage")
+    try:
+        maximum = 5
+        for _ in range(40):
+            workspace = uuid7()
+            totals = []
+            for _ in range(maximum):
+                async with workflow_db.unit_of_work(None, tenant_id=str(workspace)) as uow:
+                    assert await UsageRepository(uow).count_item(workspace_id=workspace, maximum=maximum)
+                    totals.append(await UsageRepository(uow).item_count(workspace_id=workspace))
+            for _ in range(maximum):
+                async with workflow_db.unit_of_work(None, tenant_id=str(workspace)) as uow:
+                    await UsageRepository(uow).uncount_item(workspace_id=workspace)
+                    totals.append(await UsageRepository(uow).item_count(workspace_id=workspace))
+            assert totals == [1, 2, 3, 4, 5, 4, 3, 2, 1, 0]
+    finally:
+        await admin_conn.execute("DELETE FROM workflow.usage WHERE tenant_id = ANY($1::uuid[])", others)
